@@ -1,0 +1,235 @@
+"""Layers shared by every family: norms, rotary embeddings, attention, MLPs and the block.
+
+Each layer takes a `hook` callable (`jaxcirc.hook_plan.HookContext`) and passes every
+TransformerLens hook point through it: `x = hook("attn.hook_z", x)`. Weights use
+TransformerLens' per-head layout (`W_Q [d_model, head, d_head]`, `W_O [head, d_head, d_model]`)
+so per-head quantities are one einsum away.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxcirc.models.config import ModelConfig, RopeConfig
+
+Array = jax.Array
+
+
+def _normal(rngs: nnx.Rngs, shape, cfg: ModelConfig) -> nnx.Param:
+    return nnx.Param(cfg.initializer_range * jax.random.normal(rngs.params(), shape, jnp.dtype(cfg.dtype)))
+
+
+def _zeros(shape, cfg: ModelConfig) -> nnx.Param:
+    return nnx.Param(jnp.zeros(shape, jnp.dtype(cfg.dtype)))
+
+
+def _ones(shape, cfg: ModelConfig) -> nnx.Param:
+    return nnx.Param(jnp.ones(shape, jnp.dtype(cfg.dtype)))
+
+
+def _no_hook(name: str, x: Array) -> Array:
+    return x
+
+
+def activation(name: str, x: Array) -> Array:
+    if name in ("gelu_new", "gelu_fast"):
+        return jax.nn.gelu(x, approximate=True)
+    if name == "gelu":
+        return jax.nn.gelu(x, approximate=False)
+    if name == "silu":
+        return jax.nn.silu(x)
+    if name == "relu":
+        return jax.nn.relu(x)
+    raise ValueError(f"Unsupported activation {name!r}; supported: gelu_new, gelu_fast, gelu, silu, relu.")
+
+
+class Norm(nnx.Module):
+    """LayerNorm or RMSNorm, computed in float32. Hooks: `{prefix}.hook_scale`, `.hook_normalized`."""
+
+    def __init__(self, cfg: ModelConfig):
+        self.kind = cfg.norm
+        self.eps = cfg.norm_eps
+        self.w = _ones((cfg.d_model,), cfg)
+        self.b = _zeros((cfg.d_model,), cfg) if cfg.norm == "layernorm" else None
+
+    def __call__(self, x: Array, hook=_no_hook, prefix: str = "") -> Array:
+        """x: [..., d_model] -> [..., d_model]."""
+        dtype = x.dtype
+        x = x.astype(jnp.float32)
+        if self.kind == "layernorm":
+            x = x - x.mean(-1, keepdims=True)
+        scale = hook(f"{prefix}.hook_scale", jnp.sqrt((x * x).mean(-1, keepdims=True) + self.eps))
+        out = x / scale * self.w[...].astype(jnp.float32)
+        if self.b is not None:
+            out = out + self.b[...].astype(jnp.float32)
+        return hook(f"{prefix}.hook_normalized", out.astype(dtype))
+
+
+def rope_inverse_frequencies(rope: RopeConfig) -> np.ndarray:
+    """[rotary_dim / 2] float32 inverse frequencies, with linear or llama3 scaling applied."""
+    dim = rope.rotary_dim
+    inv_freq = (1.0 / (rope.theta ** (np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / dim))).astype(np.float32)
+    if rope.scaling is None:
+        return inv_freq
+    kind = rope.scaling[0]
+    if kind == "linear":
+        return (inv_freq / rope.scaling[1]).astype(np.float32)
+    if kind == "llama3":
+        factor, low_freq_factor, high_freq_factor, old_context = rope.scaling[1:]
+        low_freq_wavelen = old_context / low_freq_factor
+        high_freq_wavelen = old_context / high_freq_factor
+        wavelen = 2 * np.pi / inv_freq
+        scaled = np.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
+        smooth = (old_context / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        is_medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
+        return np.where(is_medium, smoothed, scaled).astype(np.float32)
+    raise ValueError(f"Unsupported rope scaling {kind!r}; supported: linear, llama3.")
+
+
+def rope_tables(rope: RopeConfig, position_ids: Array) -> tuple[Array, Array]:
+    """cos, sin of shape [batch, pos, rotary_dim] for integer `position_ids` [batch, pos]."""
+    freqs = position_ids.astype(jnp.float32)[..., None] * jnp.asarray(rope_inverse_frequencies(rope))
+    angles = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rope(x: Array, cos: Array, sin: Array) -> Array:
+    """Rotate the first rotary_dim dims of x [batch, pos, head, d_head] (rotate-half convention)."""
+    rot = cos.shape[-1]
+    x_rot, x_pass = x[..., :rot], x[..., rot:]
+    half = rot // 2
+    rotated = jnp.concatenate([-x_rot[..., half:], x_rot[..., :half]], axis=-1)
+    cos, sin = cos[:, :, None, :].astype(x.dtype), sin[:, :, None, :].astype(x.dtype)
+    return jnp.concatenate([x_rot * cos + rotated * sin, x_pass], axis=-1)
+
+
+class Attention(nnx.Module):
+    """Causal multi-head attention with grouped-query key/value heads and optional rotary."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        d, h, kv, dh = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.d_head
+        self.cfg = cfg
+        self.W_Q = _normal(rngs, (d, h, dh), cfg)
+        self.W_K = _normal(rngs, (d, kv, dh), cfg)
+        self.W_V = _normal(rngs, (d, kv, dh), cfg)
+        self.W_O = _normal(rngs, (h, dh, d), cfg)
+        self.b_Q = _zeros((h, dh), cfg) if cfg.qkv_bias else None
+        self.b_K = _zeros((kv, dh), cfg) if cfg.qkv_bias else None
+        self.b_V = _zeros((kv, dh), cfg) if cfg.qkv_bias else None
+        self.b_O = _zeros((d,), cfg) if cfg.o_bias else None
+
+    @staticmethod
+    def _project(x: Array, w: Array, b: Array | None) -> Array:
+        # x is either the shared residual [b, p, d] or a per-head input [b, p, n, d].
+        spec = "bpd,dnk->bpnk" if x.ndim == 3 else "bpnd,dnk->bpnk"
+        out = jnp.einsum(spec, x, w)
+        return out if b is None else out + b
+
+    def __call__(self, q_in: Array, k_in: Array, v_in: Array, hook=_no_hook,
+                 rope: tuple[Array, Array] | None = None) -> Array:
+        """Inputs [batch, pos, d_model] (or per head [batch, pos, head, d_model]) -> [batch, pos, d_model]."""
+        cfg = self.cfg
+        q = hook("attn.hook_q", self._project(q_in, self.W_Q[...], None if self.b_Q is None else self.b_Q[...]))
+        k = hook("attn.hook_k", self._project(k_in, self.W_K[...], None if self.b_K is None else self.b_K[...]))
+        v = hook("attn.hook_v", self._project(v_in, self.W_V[...], None if self.b_V is None else self.b_V[...]))
+        if rope is not None:
+            q = hook("attn.hook_rot_q", apply_rope(q, *rope))
+            k = hook("attn.hook_rot_k", apply_rope(k, *rope))
+        batch, pos = q.shape[:2]
+        g = cfg.group_size
+        # Query head n*g + i reads kv head n (HF's repeat_kv order).
+        qg = q.reshape(batch, pos, cfg.n_kv_heads, g, cfg.d_head)
+        scores = jnp.einsum("bqngd,bknd->bngqk", qg.astype(jnp.float32), k.astype(jnp.float32))
+        scores = scores.reshape(batch, cfg.n_heads, pos, pos) / np.sqrt(cfg.d_head)
+        causal = jnp.tril(jnp.ones((pos, pos), bool))
+        scores = jnp.where(causal, scores, jnp.finfo(jnp.float32).min)
+        scores = hook("attn.hook_attn_scores", scores.astype(q.dtype))
+        pattern = jax.nn.softmax(scores.astype(jnp.float32), axis=-1)
+        pattern = hook("attn.hook_pattern", pattern.astype(q.dtype))
+        pg = pattern.reshape(batch, cfg.n_kv_heads, g, pos, pos)
+        z = jnp.einsum("bngqk,bknd->bqngd", pg, v).reshape(batch, pos, cfg.n_heads, cfg.d_head)
+        z = hook("attn.hook_z", z)
+        if hook is not _no_hook and hook.uses("attn.hook_result"):
+            result = hook("attn.hook_result", jnp.einsum("bphd,hdm->bphm", z, self.W_O[...]))
+            out = result.sum(axis=2)
+        else:
+            out = jnp.einsum("bphd,hdm->bpm", z, self.W_O[...])
+        return out if self.b_O is None else out + self.b_O[...]
+
+
+class MLP(nnx.Module):
+    """Plain (act(x W_in) W_out) or gated (act(x W_gate) * (x W_in)) W_out feed-forward."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        d, m = cfg.d_model, cfg.d_mlp
+        self.activation = cfg.activation
+        self.W_in = _normal(rngs, (d, m), cfg)
+        self.W_gate = _normal(rngs, (d, m), cfg) if cfg.gated_mlp else None
+        self.W_out = _normal(rngs, (m, d), cfg)
+        self.b_in = _zeros((m,), cfg) if cfg.mlp_bias else None
+        self.b_gate = _zeros((m,), cfg) if cfg.mlp_bias and cfg.gated_mlp else None
+        self.b_out = _zeros((d,), cfg) if cfg.mlp_bias else None
+
+    @staticmethod
+    def _linear(x: Array, w, b) -> Array:
+        out = x @ w[...]
+        return out if b is None else out + b[...]
+
+    def __call__(self, x: Array, hook=_no_hook) -> Array:
+        """x: [batch, pos, d_model] -> [batch, pos, d_model]."""
+        if self.W_gate is not None:
+            pre = hook("mlp.hook_pre", self._linear(x, self.W_gate, self.b_gate))
+            linear = hook("mlp.hook_pre_linear", self._linear(x, self.W_in, self.b_in))
+            post = activation(self.activation, pre) * linear
+        else:
+            pre = hook("mlp.hook_pre", self._linear(x, self.W_in, self.b_in))
+            post = activation(self.activation, pre)
+        post = hook("mlp.hook_post", post)
+        return self._linear(post, self.W_out, self.b_out)
+
+
+_PER_HEAD_INPUTS = ("hook_q_input", "hook_k_input", "hook_v_input")
+
+
+class Block(nnx.Module):
+    """One transformer block: sequential (GPT-2, Llama) or parallel residual (GPT-NeoX/Pythia)."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.ln1 = Norm(cfg)
+        self.attn = Attention(cfg, rngs)
+        self.ln2 = Norm(cfg)
+        self.mlp = MLP(cfg, rngs)
+
+    def _attention_inputs(self, resid: Array, hook) -> tuple[Array, Array, Array]:
+        """Normalised q/k/v inputs; per head ([batch, pos, head, d_model]) when a hook asks for it."""
+        cfg = self.cfg
+        if hook is _no_hook or not any(hook.uses(t) for t in _PER_HEAD_INPUTS):
+            normed = self.ln1(resid, hook, "ln1")
+            return normed, normed, normed
+        heads = {"hook_q_input": cfg.n_heads, "hook_k_input": cfg.n_kv_heads, "hook_v_input": cfg.n_kv_heads}
+        inputs = []
+        for name, n in heads.items():
+            per_head = jnp.broadcast_to(resid[:, :, None, :], resid.shape[:2] + (n, cfg.d_model))
+            inputs.append(self.ln1(hook(name, per_head)))
+        return tuple(inputs)
+
+    def __call__(self, x: Array, hook=_no_hook, rope: tuple[Array, Array] | None = None) -> Array:
+        """x: residual stream [batch, pos, d_model] -> [batch, pos, d_model]."""
+        resid_pre = hook("hook_resid_pre", x)
+        attn_out = hook("hook_attn_out", self.attn(*self._attention_inputs(resid_pre, hook), hook, rope))
+        if self.cfg.parallel_residual:
+            mlp_in = hook("hook_mlp_in", resid_pre)
+        else:
+            resid_mid = hook("hook_resid_mid", resid_pre + attn_out)
+            mlp_in = hook("hook_mlp_in", resid_mid)
+        mlp_out = hook("hook_mlp_out", self.mlp(self.ln2(mlp_in, hook, "ln2"), hook))
+        if self.cfg.parallel_residual:
+            resid_post = resid_pre + attn_out + mlp_out
+        else:
+            resid_post = resid_mid + mlp_out
+        return hook("hook_resid_post", resid_post)

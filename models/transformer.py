@@ -1,0 +1,131 @@
+"""The whole decoder-only model and its pure functional boundary.
+
+    forward = make_forward(cfg)
+    logits, cache = forward(params, tokens, hooks)     # pure, jittable, vmappable, differentiable
+
+`params` is a plain nested dict of arrays (blocks stacked on a leading layer axis); the blocks
+run under `jax.lax.scan`, one block merged per step, so an L-layer model compiles one block.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxcirc.hook_plan import EDGE_OUTPUTS, HookContext, HookPlan, make_plan
+from jaxcirc.hooks import Hooks, as_hooks
+from jaxcirc.models.common import Block, Norm, rope_tables
+from jaxcirc.models.config import ModelConfig
+
+Array = jax.Array
+Params = dict[str, Any]
+
+
+class Transformer(nnx.Module):
+    """Embedding, scanned blocks, final norm and unembedding."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        self.cfg = cfg
+        dtype = jnp.dtype(cfg.dtype)
+        self.W_E = nnx.Param(cfg.initializer_range * jax.random.normal(rngs.params(), (cfg.d_vocab, cfg.d_model), dtype))
+        if cfg.positional == "learned":
+            self.W_pos = nnx.Param(cfg.initializer_range * jax.random.normal(rngs.params(), (cfg.n_ctx, cfg.d_model), dtype))
+
+        @nnx.split_rngs(splits=cfg.n_layers)
+        @nnx.vmap(in_axes=(0,), out_axes=0)
+        def make_blocks(rngs: nnx.Rngs) -> Block:
+            return Block(cfg, rngs)
+
+        self.blocks = make_blocks(rngs)
+        self.ln_final = Norm(cfg)
+        if not cfg.tied_embeddings:
+            self.W_U = nnx.Param(cfg.initializer_range * jax.random.normal(rngs.params(), (cfg.d_model, cfg.d_vocab), dtype))
+        if cfg.unembed_bias:
+            self.b_U = nnx.Param(jnp.zeros((cfg.d_vocab,), dtype))
+
+    def embed(self, tokens: Array, position_ids: Array, top: HookContext) -> Array:
+        """tokens [batch, pos] -> residual [batch, pos, d_model] (hook_embed, hook_pos_embed)."""
+        x = top("hook_embed", jnp.take(self.W_E[...], tokens, axis=0))
+        if self.cfg.positional == "learned":
+            x = x + top("hook_pos_embed", jnp.take(self.W_pos[...], position_ids, axis=0))
+        return x
+
+    def run_blocks(self, x: Array, plan: HookPlan, position_ids: Array) -> tuple[Array, dict[str, Array]]:
+        """Scan the stacked blocks over the residual [batch, pos, d_model]; returns it and the
+        scan-carried buffers (cached activations, running node outputs for edge patching)."""
+        cfg = self.cfg
+        rope = rope_tables(cfg.rope, position_ids) if cfg.positional == "rotary" else None
+        block_def, block_state = nnx.split(self.blocks)
+
+        def step(carry, xs):
+            resid, buffers = carry
+            state, layer = xs
+            hook = HookContext(plan, layer, buffers)
+            resid = nnx.merge(block_def, state)(resid, hook, rope)
+            return (resid, hook.buffers), None
+
+        layers = jnp.arange(cfg.n_layers, dtype=jnp.int32)
+        (x, buffers), _ = jax.lax.scan(step, (x, plan.init_buffers(x.dtype, x)), (block_state, layers))
+        return x, buffers
+
+    def unembed(self, x: Array) -> Array:
+        """Residual after the final norm [..., d_model] -> logits [..., d_vocab]."""
+        w = self.W_E[...].T if self.cfg.tied_embeddings else self.W_U[...]
+        logits = x @ w
+        return logits + self.b_U[...] if self.cfg.unembed_bias else logits
+
+    def __call__(self, tokens: Array, hooks: Hooks, position_ids: Array | None = None,
+                 logits_at: Array | None = None) -> tuple[Array, dict[str, Array]]:
+        batch, pos = tokens.shape
+        if position_ids is None:
+            position_ids = jnp.broadcast_to(jnp.arange(pos, dtype=jnp.int32), (batch, pos))
+        plan = make_plan(self.cfg, hooks, batch, pos)
+        top = HookContext(plan)
+        x = self.embed(tokens, position_ids, top)
+        x, buffers = self.run_blocks(x, plan, position_ids)
+        if plan.edges is not None:
+            x = x + plan.edges.logits_correction(buffers.pop(EDGE_OUTPUTS))
+        x = self.ln_final(x, top, "ln_final")
+        if logits_at is not None:
+            x = x[jnp.arange(batch), logits_at]
+        return self.unembed(x), plan.collect_cache(top.top_cache, buffers)
+
+
+def abstract_model(cfg: ModelConfig) -> tuple[nnx.GraphDef, nnx.State]:
+    """Graph definition and the shapes/dtypes of every parameter, without allocating them."""
+    return nnx.split(nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(0))))
+
+
+def init_params(cfg: ModelConfig, seed: int = 0) -> Params:
+    """Randomly initialised parameters (normal, std = cfg.initializer_range; norms at 1, biases 0)."""
+    return nnx.to_pure_dict(nnx.split(Transformer(cfg, nnx.Rngs(seed)))[1])
+
+
+def param_shapes(cfg: ModelConfig) -> Params:
+    """The parameter tree's structure with ShapeDtypeStructs as leaves."""
+    return nnx.to_pure_dict(abstract_model(cfg)[1])
+
+
+def bind(cfg: ModelConfig, params: Params) -> Transformer:
+    """The NNX module holding `params` (use inside a traced function)."""
+    graphdef, state = abstract_model(cfg)
+    nnx.replace_by_pure_dict(state, params)
+    return nnx.merge(graphdef, state)
+
+
+def make_forward(cfg: ModelConfig, jit: bool = True) -> Callable[..., tuple[Array, dict[str, Array]]]:
+    """The pure forward of `cfg`: (params, tokens [batch, pos] int32, hooks) -> (logits, cache).
+
+    Keyword options: `position_ids` [batch, pos] (default 0..pos-1) and `logits_at` [batch] to
+    unembed only one position per example (logits then [batch, d_vocab]).
+    """
+
+    def forward(params: Params, tokens: Array, hooks: Hooks | None = None, *,
+                position_ids: Array | None = None, logits_at: Array | None = None):
+        return bind(cfg, params)(tokens, as_hooks(hooks), position_ids, logits_at)
+
+    return jax.jit(forward) if jit else forward
