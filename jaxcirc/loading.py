@@ -46,7 +46,8 @@ def load(source: str | Path, dtype: str = "float32", cache_dir: str | Path | Non
     if path.is_file() and path.suffix == ".gguf":
         from jaxcirc.models.gguf import load_gguf
 
-        hf_config, tensors, tokenizer, sha256 = load_gguf(path, cache_dir=cache_dir)
+        hf_config, tensors, tokenizer = load_gguf(path, cache_dir=cache_dir)
+        sha256 = hf_config["_jaxcirc_source_sha256"]
         cfg, params = params_from_hf_tensors(hf_config, tensors, dtype)
         return Model(cfg, jax.tree.map(jnp.asarray, params), tokenizer, source=str(path), source_hash=sha256)
     if path.is_dir() and checkpoint.is_checkpoint(path):

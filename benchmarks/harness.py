@@ -1,0 +1,102 @@
+"""Shared benchmark plumbing: timing, the matmul roofline, machine facts, result rows.
+
+Timings are wall-clock medians after a warm-up call (the warm-up includes compilation, which is
+reported separately). Competing implementations are timed alternately in the same process so that
+machine noise hits both.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def block(value: Any) -> Any:
+    """Wait for JAX arrays (and torch tensors, which are synchronous on CPU)."""
+    return jax.block_until_ready(value)
+
+
+def time_call(fn: Callable[[], Any], repeats: int = 5, warmup: int = 1) -> dict[str, float]:
+    """Median/min wall time of `fn()` over `repeats` after `warmup` calls (first-call time kept)."""
+    start = time.perf_counter()
+    block(fn())
+    first = time.perf_counter() - start
+    for _ in range(warmup - 1):
+        block(fn())
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        block(fn())
+        times.append(time.perf_counter() - start)
+    return {"first_s": first, "median_s": statistics.median(times), "min_s": min(times)}
+
+
+def alternate(fns: dict[str, Callable[[], Any]], repeats: int = 5) -> dict[str, dict[str, float]]:
+    """Time several implementations, interleaving their runs (A B A B ...) after one warm-up each."""
+    first = {}
+    for name, fn in fns.items():
+        start = time.perf_counter()
+        block(fn())
+        first[name] = time.perf_counter() - start
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            block(fn())
+            times[name].append(time.perf_counter() - start)
+    return {name: {"first_s": first[name], "median_s": statistics.median(t), "min_s": min(t)}
+            for name, t in times.items()}
+
+
+def matmul_roofline(n: int = 2048, dtype=jnp.float32, repeats: int = 5) -> float:
+    """Measured matmul throughput of this device in GFLOP/s (n x n @ n x n, jitted)."""
+    a = jax.random.normal(jax.random.key(0), (n, n), dtype)
+    b = jax.random.normal(jax.random.key(1), (n, n), dtype)
+    matmul = jax.jit(jnp.matmul)
+    timing = time_call(lambda: matmul(a, b), repeats=repeats)
+    return 2 * n**3 / timing["min_s"] / 1e9
+
+
+def machine() -> dict[str, Any]:
+    import flax
+
+    facts = {"platform": platform.platform(), "processor": platform.processor(),
+             "cpu_count": os.cpu_count(), "python": platform.python_version(),
+             "jax": jax.__version__, "flax": flax.__version__, "backend": jax.default_backend(),
+             "devices": [str(d) for d in jax.devices()]}
+    try:
+        import torch
+
+        facts["torch"] = torch.__version__
+        facts["torch_threads"] = torch.get_num_threads()
+    except ImportError:
+        pass
+    try:
+        import transformer_lens
+
+        facts["transformer_lens"] = getattr(transformer_lens, "__version__", "3.x")
+    except ImportError:
+        pass
+    return facts
+
+
+def write_rows(path: str, rows: list[dict[str, Any]], meta: dict[str, Any]) -> None:
+    with open(path, "w") as f:
+        json.dump({"machine": meta, "rows": rows}, f, indent=2, default=float)
+
+
+def agree(a: Any, b: Any, atol: float, what: str) -> float:
+    """Max-abs difference, raising if above `atol` (benchmarks only compare correct results)."""
+    diff = float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))))
+    if not diff <= atol:
+        raise AssertionError(f"{what}: implementations disagree by {diff:.3g} (> {atol})")
+    return diff
