@@ -1,0 +1,413 @@
+"""Exact activation patching: a whole sweep over patch locations as ONE compiled program.
+
+    result = patch_sweep(model, pairs, site="resid_pre", by=("layer", "pos"))
+    result.patch_effect        # [layer, pos] metric after patching, mean over pairs
+    result.normalised          # [layer, pos] corrupted = 0, clean = 1
+
+Directions: "noising" runs the clean prompts and patches in activations from the source;
+"denoising" runs the corrupted prompts and patches in activations from the source. Sources:
+  "resample"  the other run's activation at the same place (corrupt when noising, clean when
+              denoising): classic activation patching;
+  "zero"      zeros;
+  "mean"      the other run's activation averaged over pairs and real positions;
+  "pos_mean"  the other run's activation averaged over pairs, per position (real tokens only).
+(For `pattern`, whose positional dims are query/key pairs, "mean" and "pos_mean" both average
+over pairs only.)
+
+How it runs: a patch is a set of indices, one per `by` dim (e.g. layer 3, pos 5). Inside the
+program each patch becomes a stack of boolean masks, one per layer (all false except at the
+patched layer, selecting the patched position/head), handed to the forward as
+`replace(source, mask)` interventions at `blocks.{l}.{hook}` for every layer l, and the forward is
+`jax.vmap`-ed over patches. Patches are split into equal chunks (the last one padded with
+no-op patches) and `jax.lax.map` runs the chunks, so the number of chunks never changes the
+program; the clean and corrupted baselines run in the same program. Chunk size comes from
+`max_patches_per_chunk` or from `memory_budget_bytes` and `estimate_patch_bytes`.
+
+Padding: a patch at a position beyond a pair's real length patches nothing for that pair and is
+not counted: per-pair values there are NaN and the mean is over the pairs that have the position
+(NaN when none does). When `by` has no position dim, only real positions are patched (padding
+cannot reach the metric position anyway: it comes after it and attention is causal).
+
+The default direction, denoising with "resample", is what TransformerLens' `patching.get_act_patch_*`
+functions compute (they run the corrupted tokens and patch in the clean cache).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+from collections.abc import Iterator, Sequence
+from typing import Any, Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxcirc.hooks import Hooks, replace
+from jaxcirc.metrics import Metric, get_metric, metric_name, normalise
+from jaxcirc.models import hook_points
+from jaxcirc.models.config import ModelConfig
+from jaxcirc.models.transformer import make_forward
+from jaxcirc.pairs import MinimalPairs
+
+Array = jax.Array
+Direction = Literal["noising", "denoising"]
+Source = Literal["resample", "zero", "mean", "pos_mean"]
+
+SITES: dict[str, str] = {
+    "resid_pre": "hook_resid_pre",
+    "resid_mid": "hook_resid_mid",
+    "resid_post": "hook_resid_post",
+    "attn_out": "hook_attn_out",
+    "mlp_out": "hook_mlp_out",
+    "z": "attn.hook_z",
+    "head_out": "attn.hook_z",
+    "q": "attn.hook_q",
+    "k": "attn.hook_k",
+    "v": "attn.hook_v",
+    "pattern": "attn.hook_pattern",
+}
+DIRECTIONS = ("noising", "denoising")
+SOURCES = ("resample", "zero", "mean", "pos_mean")
+DEFAULT_MEMORY_BUDGET = 1 << 30
+
+# Dims that index token positions: masked by the pairs' padding.
+_POSITIONAL = ("pos", "q_pos", "k_pos")
+# Dims a patch never selects within: the batch and the feature dims.
+_NOT_PATCHABLE = ("batch", "d_model", "d_head", "one")
+
+
+@dataclasses.dataclass(frozen=True)
+class PatchResult:
+    """An activation patching sweep with named dims.
+
+    patch_effect: [*dims] the metric after patching, mean over the pairs the patch applies to.
+    per_pair:     [*dims, pair] the metric per pair (NaN where the patch lies in the pair's padding).
+    normalised:   [*dims] (patch_effect - corrupt) / (clean - corrupt), the baselines averaged
+                  over the same pairs (NaN where clean == corrupt).
+    clean_metric, corrupt_metric: [pair] the unpatched runs' metric.
+    """
+
+    patch_effect: np.ndarray
+    per_pair: np.ndarray
+    normalised: np.ndarray
+    clean_metric: np.ndarray
+    corrupt_metric: np.ndarray
+    dims: tuple[str, ...]
+    site: str
+    hook: str
+    by: tuple[str, ...]
+    metric: str
+    direction: str
+    source: str
+    n_patches: int
+    chunk_size: int
+    n_chunks: int
+
+    @property
+    def baseline(self) -> np.ndarray:
+        """[pair] metric of the unpatched run that is patched (clean when noising)."""
+        return self.clean_metric if self.direction == "noising" else self.corrupt_metric
+
+    @property
+    def change(self) -> np.ndarray:
+        """[*dims] per-pair (patched - unpatched run) averaged like patch_effect."""
+        return _masked_mean(self.per_pair - self.baseline, ~np.isnan(self.per_pair))
+
+    def arrays(self) -> dict[str, tuple[tuple[str, ...], np.ndarray]]:
+        """name -> (dims, array), as a run directory stores them."""
+        return {
+            "patch_effect": (self.dims, self.patch_effect),
+            "patch_effect_normalised": (self.dims, self.normalised),
+            "patch_effect_per_pair": (self.dims + ("pair",), self.per_pair),
+            "clean_metric": (("pair",), self.clean_metric),
+            "corrupt_metric": (("pair",), self.corrupt_metric),
+        }
+
+    def metadata(self) -> dict[str, Any]:
+        return {
+            "site": self.site, "hook": self.hook, "by": list(self.by), "dims": list(self.dims),
+            "metric": self.metric, "direction": self.direction, "source": self.source,
+            "n_patches": self.n_patches, "chunk_size": self.chunk_size, "n_chunks": self.n_chunks,
+            "clean_metric_mean": float(np.mean(self.clean_metric)),
+            "corrupt_metric_mean": float(np.mean(self.corrupt_metric)),
+        }
+
+
+@dataclasses.dataclass(frozen=True)
+class SiteSpec:
+    """A resolved patch site: the block hook template, its dims and the dims patched by."""
+
+    template: str
+    dims: tuple[str, ...]  # the activation's dims, batch first
+    by: tuple[str, ...]    # "layer" and dims of `dims`
+
+
+def resolve_site(cfg: ModelConfig, site: str, by: str | Sequence[str]) -> SiteSpec:
+    """Check `site` and `by` against the model and return the block template and dims.
+
+    `site` is a short name (SITES) or a block hook template (`attn.hook_z`, `mlp.hook_post`);
+    `by` lists "layer" and any of the activation's dims (`pos`, `head`, ...). For k/v, "head"
+    means the kv head (`kv_head` under grouped-query attention); for `pattern`, "pos" means the
+    query position.
+    """
+    points = hook_points.block_points(cfg)
+    template = SITES.get(site, site)
+    if template.startswith("blocks."):
+        template = hook_points.split_name(template.replace("*", "0"))[1]
+    if template not in points:
+        if site == "resid_mid" and cfg.parallel_residual:
+            raise ValueError("resid_mid does not exist in a parallel-residual model (attention and MLP "
+                             "both read resid_pre); patch resid_pre, attn_out or mlp_out instead.")
+        raise ValueError(f"Unknown patch site {site!r}; choose one of {sorted(SITES)} or a block hook "
+                         f"template such as {list(points)[:4]}.")
+    dims = points[template]
+    by = tuple(d.strip() for d in by.split(",")) if isinstance(by, str) else tuple(by)
+    if "layer" not in by:
+        raise ValueError(f"`by` must include 'layer' (got {by}); e.g. by=('layer', 'pos').")
+    resolved = []
+    for d in by:
+        if d == "head" and "head" not in dims and "kv_head" in dims:
+            d = "kv_head"
+        if d == "pos" and "pos" not in dims and "q_pos" in dims:
+            d = "q_pos"
+        if d != "layer" and (d not in dims or d in _NOT_PATCHABLE):
+            options = ["layer"] + [x for x in dims if x not in _NOT_PATCHABLE]
+            raise ValueError(f"Site {site!r} ({template}, dims {list(dims)}) cannot be patched by {d!r}; "
+                             f"choose `by` from {options}.")
+        resolved.append(d)
+    if len(set(resolved)) != len(resolved):
+        raise ValueError(f"`by` repeats a dim: {by}.")
+    return SiteSpec(template, dims, tuple(resolved))
+
+
+def dim_sizes(cfg: ModelConfig, spec: SiteSpec, batch: int, pos: int) -> tuple[int, ...]:
+    """Size of each `by` dim."""
+    sizes = hook_points.dim_sizes(cfg, batch, pos)
+    return tuple(cfg.n_layers if d == "layer" else sizes[d] for d in spec.by)
+
+
+def estimate_patch_bytes(cfg: ModelConfig, batch: int, pos: int) -> int:
+    """Rough peak bytes one patched forward holds (one block live, the scan keeps no per-layer
+    activations; float32 attention scores and pattern; logits only at the metric position)."""
+    per_token = (8 * cfg.d_model + 4 * cfg.n_heads * cfg.d_head + 3 * cfg.d_mlp + 3 * cfg.n_heads * pos)
+    return int(4 * batch * (pos * per_token + 3 * cfg.d_vocab))
+
+
+def chunking(n_patches: int, per_patch_bytes: int, max_patches_per_chunk: int | None = None,
+             memory_budget_bytes: int | None = None) -> tuple[int, int]:
+    """(chunk_size, n_chunks): the most patches per chunk that fit, then evened out so the padded
+    last chunk wastes as little as possible."""
+    if max_patches_per_chunk is not None:
+        if max_patches_per_chunk < 1:
+            raise ValueError(f"max_patches_per_chunk must be at least 1, got {max_patches_per_chunk}.")
+        limit = max_patches_per_chunk
+    else:
+        budget = DEFAULT_MEMORY_BUDGET if memory_budget_bytes is None else memory_budget_bytes
+        limit = max(1, budget // max(per_patch_bytes, 1))
+    limit = min(limit, n_patches)
+    n_chunks = math.ceil(n_patches / limit)
+    return math.ceil(n_patches / n_chunks), n_chunks
+
+
+def _along(vector: Array, axis: int, ndim: int) -> Array:
+    """Reshape a 1-D array so it lies along `axis` of an ndim-dimensional array."""
+    shape = [1] * ndim
+    shape[axis] = vector.shape[0]
+    return vector.reshape(shape)
+
+
+def _real_positions(dims: tuple[str, ...], mask: Array) -> Array:
+    """bool, broadcastable to the activation: True where every positional dim is a real token."""
+    ndim, b_axis = len(dims), dims.index("batch")
+    out = jnp.ones((1,) * ndim, bool)
+    for axis, d in enumerate(dims):
+        if d in _POSITIONAL:
+            shape = [1] * ndim
+            shape[b_axis], shape[axis] = mask.shape
+            out = out & mask.reshape(shape)
+    return out
+
+
+def _source_values(spec: SiteSpec, source: str, acts: Array, mask: Array) -> Array:
+    """Patch values [layer, *activation or broadcastable] from the source run's activations
+    acts [layer, *activation]; means are taken over real tokens only."""
+    if source == "resample":
+        return acts
+    if source == "zero":
+        return jnp.zeros((acts.shape[0],) + (1,) * (acts.ndim - 1), acts.dtype)
+    weights = _real_positions(spec.dims, mask)[None].astype(jnp.float32)
+    axes = [1 + spec.dims.index("batch")]
+    if source == "mean" and "pos" in spec.dims:
+        axes.append(1 + spec.dims.index("pos"))
+    axes = tuple(axes)
+    total = (acts.astype(jnp.float32) * weights).sum(axes, keepdims=True)
+    count = jnp.broadcast_to(weights, acts.shape[:1] + weights.shape[1:]).sum(axes, keepdims=True)
+    return (total / jnp.maximum(count, 1.0)).astype(acts.dtype)
+
+
+def _sweep_program(params: Any, pairs: MinimalPairs, indices: Array, *, cfg: ModelConfig,
+                   spec: SiteSpec, metric: Metric, direction: str, source: str):
+    """The whole sweep. indices: int32 [n_chunks, chunk, len(by)] (-1 = patch nothing in that dim).
+
+    Returns (clean_metric [pair], corrupt_metric [pair], patched [n_chunks, chunk, pair]).
+    """
+    forward = make_forward(cfg, jit=False)
+    layers = cfg.n_layers
+    batch, pos = pairs.clean.shape
+    names = [f"blocks.{l}.{spec.template}" for l in range(layers)]
+    need_source = source != "zero"
+    # Clean and corrupted baselines in one forward over the stacked batch: one copy of the model
+    # in the program instead of two (XLA compile time grows with every copy).
+    both = jnp.concatenate([pairs.clean, pairs.corrupt])
+    twice = jnp.concatenate([pairs.position, pairs.position])
+    cache_hooks = Hooks(cache=(f"blocks.*.{spec.template}",)) if need_source else None
+    both_logits, both_cache = forward(params, both, cache_hooks, logits_at=twice)
+    clean_logits, corrupt_logits = both_logits[:batch], both_logits[batch:]
+    clean_metric = metric(clean_logits, pairs, clean_logits)
+    corrupt_metric = metric(corrupt_logits, pairs, clean_logits)
+    from_run = slice(batch, None) if direction == "noising" else slice(0, batch)
+    cache = {n: both_cache[n][from_run] for n in names} if need_source else {}
+
+    base_tokens = pairs.clean if direction == "noising" else pairs.corrupt
+    act_shape = tuple(hook_points.dim_sizes(cfg, batch, pos)[d] for d in spec.dims)
+    if need_source:
+        acts = jnp.stack([cache[n] for n in names])
+    else:
+        acts = jnp.zeros((layers,) + act_shape, jnp.dtype(cfg.dtype))  # only its shape/dtype is used
+    values = _source_values(spec, source, acts, pairs.mask)
+    ndim = len(spec.dims)
+    real = _real_positions(spec.dims, pairs.mask)
+
+    def patched_metric(idx: Array) -> Array:
+        select = real
+        for j, d in enumerate(spec.by):
+            if d != "layer":
+                axis = spec.dims.index(d)
+                select = select & _along(jnp.arange(act_shape[axis]) == idx[j], axis, ndim)
+        at_layer = jnp.arange(layers) == idx[spec.by.index("layer")]
+        masks = _along(at_layer, 0, ndim + 1) & select[None]
+        hooks = Hooks({names[l]: replace(values[l], masks[l]) for l in range(layers)})
+        logits, _ = forward(params, base_tokens, hooks, logits_at=pairs.position)
+        return metric(logits, pairs, clean_logits)
+
+    patched = jax.lax.map(jax.vmap(patched_metric), indices)
+    return clean_metric, corrupt_metric, patched
+
+
+_compiled_sweep = jax.jit(_sweep_program, static_argnames=("cfg", "spec", "metric", "direction", "source"))
+
+
+def _masked_mean(values: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    """Mean over the last axis of the valid entries (NaN where none is valid)."""
+    count = valid.sum(-1)
+    total = np.where(valid, values, 0.0).sum(-1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(count > 0, total / np.maximum(count, 1), np.nan)
+
+
+def _model_parts(model: Any, params: Any) -> tuple[ModelConfig, Any]:
+    cfg = getattr(model, "config", model)
+    if not isinstance(cfg, ModelConfig):
+        raise TypeError("`model` must be a jaxcirc Model (or a ModelConfig with params=...).")
+    params = getattr(model, "params", None) if params is None else params
+    if params is None:
+        raise ValueError("No parameters: pass a Model, or params=... with a ModelConfig.")
+    return cfg, params
+
+
+def patch_sweep(model: Any, pairs: MinimalPairs, site: str, by: str | Sequence[str] = ("layer", "pos"), *,
+                metric: str | Metric = "logit_diff", direction: Direction = "denoising",
+                source: Source = "resample", indices: Any = None, max_patches_per_chunk: int | None = None,
+                memory_budget_bytes: int | None = None, params: Any = None) -> PatchResult:
+    """Exact activation patching of `site` at every combination of the `by` dims, as one program.
+
+    model: a `jaxcirc.Model` (or a `ModelConfig` together with `params=`).
+    site: resid_pre | resid_mid | resid_post | attn_out | mlp_out (by layer, pos), z / head_out
+      (by layer, head[, pos]), q | k | v | pattern (by layer, head), or a block hook template.
+    metric: a name in `jaxcirc.metrics.METRICS` or a function (logits [batch, vocab], pairs,
+      clean_logits) -> [batch]; pass the same function object to reuse the compiled program.
+    indices: optional int [n, len(by)] list of patches to run instead of the full grid (-1 in a
+      dim selects nothing there, so [-1, ...] patches nothing); the result's dims are then ("patch",).
+    max_patches_per_chunk / memory_budget_bytes: how many patched forwards run at once (vmapped);
+      the first wins; by default the budget is 1 GiB over `estimate_patch_bytes`. All pairs run
+      in every patched forward, so for very many pairs call this per `pairs.batches(n)`.
+    Returns a PatchResult with `patch_effect` [*by] (see the module docstring for padding).
+    """
+    cfg, params = _model_parts(model, params)
+    if direction not in DIRECTIONS:
+        raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}.")
+    if source not in SOURCES:
+        raise ValueError(f"source must be one of {SOURCES}, got {source!r}.")
+    if not isinstance(pairs, MinimalPairs):
+        raise TypeError("`pairs` must be MinimalPairs (see jaxcirc.pairs.from_tokens / from_texts).")
+    spec = resolve_site(cfg, site, by)
+    metric_fn = get_metric(metric)
+    batch, pos = pairs.clean.shape
+    sizes = dim_sizes(cfg, spec, batch, pos)
+    if indices is None:
+        table = np.indices(sizes).reshape(len(sizes), -1).T.astype(np.int32)
+        out_dims = spec.by
+        out_shape = sizes
+    else:
+        table = np.asarray(indices, dtype=np.int32).reshape(-1, len(spec.by))
+        bad = (table >= np.array(sizes)) | (table < -1)
+        if bad.any():
+            row = int(np.argwhere(bad)[0][0])
+            raise ValueError(f"Patch {table[row].tolist()} is out of range for {dict(zip(spec.by, sizes))} "
+                             "(-1 selects nothing in a dim).")
+        out_dims, out_shape = ("patch",), (len(table),)
+    n_patches = len(table)
+    if n_patches == 0:
+        raise ValueError("No patches to run.")
+    chunk, n_chunks = chunking(n_patches, estimate_patch_bytes(cfg, batch, pos),
+                               max_patches_per_chunk, memory_budget_bytes)
+    padded = np.full((n_chunks * chunk, len(spec.by)), -1, np.int32)  # padding patches select nothing
+    padded[:n_patches] = table
+    clean_m, corrupt_m, patched = _compiled_sweep(
+        params, pairs, padded.reshape(n_chunks, chunk, len(spec.by)),
+        cfg=cfg, spec=spec, metric=metric_fn, direction=direction, source=source)
+
+    clean_m, corrupt_m = np.asarray(clean_m, np.float64), np.asarray(corrupt_m, np.float64)
+    per_patch = np.asarray(patched, np.float64).reshape(n_chunks * chunk, batch)[:n_patches]
+    valid = np.ones((n_patches, batch), bool)
+    mask = np.asarray(pairs.mask)
+    for j, d in enumerate(spec.by):
+        if d in _POSITIONAL:
+            at = table[:, j]
+            valid &= np.where(at[:, None] >= 0, mask[:, np.clip(at, 0, None)].T, True)
+    per_patch = np.where(valid, per_patch, np.nan)
+    effect = _masked_mean(per_patch, valid)
+    clean_cell = _masked_mean(np.broadcast_to(clean_m, per_patch.shape), valid)
+    corrupt_cell = _masked_mean(np.broadcast_to(corrupt_m, per_patch.shape), valid)
+    normalised = np.asarray(normalise(effect, clean_cell, corrupt_cell), np.float64)
+    return PatchResult(
+        patch_effect=effect.reshape(out_shape),
+        per_pair=per_patch.reshape(out_shape + (batch,)),
+        normalised=normalised.reshape(out_shape),
+        clean_metric=clean_m, corrupt_metric=corrupt_m,
+        dims=tuple(out_dims), site=site, hook=spec.template, by=spec.by, metric=metric_name(metric),
+        direction=direction, source=source, n_patches=n_patches, chunk_size=chunk, n_chunks=n_chunks,
+    )
+
+
+@contextlib.contextmanager
+def compile_log() -> Iterator[list[str]]:
+    """Record the names of the XLA programs compiled inside the `with` block.
+
+        with compile_log() as compiled:
+            patch_sweep(...)
+        assert compiled == ["jit(_sweep_program)"]
+    """
+    compiled: list[str] = []
+
+    def listener(event: str, duration: float, **kwargs: Any) -> None:
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiled.append(str(kwargs.get("fun_name", "?")))
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        yield compiled
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
