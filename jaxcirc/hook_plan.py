@@ -73,10 +73,13 @@ def expand_cache_names(cfg: ModelConfig, patterns: tuple[str, ...], valid: list[
     return list(dict.fromkeys(names))
 
 
-def _check_shape(name: str, field: str, array, act_shape: tuple[int, ...], dims) -> None:
+def _check_shape(name: str, field: str, array, act_shape: tuple[int, ...], dims,
+                 stacked: bool = False) -> None:
+    """`stacked`: a `blocks.*` intervention, whose leading layer axis must be given in full."""
     shape = tuple(np.shape(array))
-    ok = shape == () or (
+    ok = (shape == () and not stacked) or (
         len(shape) == len(act_shape) and all(s in (1, a) for s, a in zip(shape, act_shape))
+        and (not stacked or shape[0] == act_shape[0])
     )
     if not ok:
         described = ", ".join(f"{d}={s}" for d, s in zip(dims, act_shape))
@@ -187,7 +190,18 @@ def make_plan(cfg: ModelConfig, hooks: Hooks, batch: int, pos: int) -> HookPlan:
 
     top: dict[str, Intervention] = {}
     per_template: dict[str, dict[int, Intervention]] = {}
+    all_layers: dict[str, Intervention] = {}
     for name, iv in hooks.interventions.items():
+        if name.startswith("blocks.*."):
+            template = name[len("blocks.*."):]
+            check_name(cfg, f"blocks.0.{template}", valid)
+            dims = ("layer",) + hook_points.block_points(cfg)[template]
+            for field in ("replace", "mask", "add"):
+                value = getattr(iv, field)
+                if value is not None:
+                    _check_shape(name, field, value, (cfg.n_layers,) + shapes[template], dims, stacked=True)
+            all_layers[template] = iv
+            continue
         check_name(cfg, name, valid)
         layer, template = hook_points.split_name(name)
         key = name if layer is None else template
@@ -206,6 +220,11 @@ def make_plan(cfg: ModelConfig, hooks: Hooks, batch: int, pos: int) -> HookPlan:
         layers = np.array(sorted(by_layer), dtype=np.int32)
         ndim = len(shapes[template])
         layer_ops[template] = (layers, _stack_interventions([by_layer[int(l)] for l in layers], ndim))
+    for template, iv in all_layers.items():
+        if template in layer_ops:
+            raise ValueError(f"Hooks give both 'blocks.*.{template}' and single layers of it; "
+                             "merge them into the stacked intervention.")
+        layer_ops[template] = (np.arange(cfg.n_layers, dtype=np.int32), iv)
 
     cache_top, cache_sets = [], {}
     for name in expand_cache_names(cfg, hooks.cache, valid):

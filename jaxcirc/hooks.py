@@ -13,7 +13,9 @@ Semantics at a hook point holding activation `x`, in this order:
     mask, so masks can interpolate and be differentiated); no mask means replace everywhere;
   * add: `x <- x + add`.
 Arrays must have the activation's number of dimensions (TransformerLens shapes, batch first),
-each dimension equal to the activation's or 1 (broadcast), or be scalars.
+each dimension equal to the activation's or 1 (broadcast), or be scalars. A name with `*` for the
+layer (`blocks.*.hook_resid_pre`) intervenes at every layer at once: its arrays carry a leading
+[layer] axis of full length.
 """
 
 from __future__ import annotations

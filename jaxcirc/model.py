@@ -88,7 +88,8 @@ def check_tokens(cfg: ModelConfig, tokens: Any) -> Array:
             f"Token id {int(array[b, p])} at [batch {b}, pos {p}] is out of range for a vocabulary "
             f"of {cfg.d_vocab} (valid ids 0..{cfg.d_vocab - 1})."
         )
-    return jnp.asarray(array, dtype=jnp.int32)
+    # device_put, not jnp.asarray: the latter compiles a small program per new shape.
+    return jax.device_put(array.astype(np.int32))
 
 
 def run(model: Model, tokens: Any, hooks: Hooks | Mapping[str, Intervention] | None = None,

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from jaxcirc.edge_patch import EdgeLayout, EdgePatch, node_output_cache_names, node_outputs
-from jaxcirc.hooks import Hooks, replace
+from jaxcirc.hooks import Hooks, add, replace
 from jaxcirc.models.config import ModelConfig, RopeConfig
 from jaxcirc.models.transformer import init_params, make_forward
 
@@ -81,3 +81,13 @@ def test_bad_edge_shapes_are_refused(setup):
         forward(params, CLEAN, Hooks(edges=EdgePatch(jnp.zeros((3, 3)), source, layout)))
     with pytest.raises(ValueError, match="Edge patch source"):
         forward(params, CLEAN, Hooks(edges=EdgePatch(jnp.zeros((layout.n_src, layout.n_dst)), source[:, :1], layout)))
+
+
+def test_stacked_all_layer_intervention_equals_per_layer(setup):
+    cfg, params, forward, *_ = setup
+    delta = jax.random.normal(jax.random.key(1), (cfg.n_layers, 1, 1, cfg.d_model))
+    stacked, _ = forward(params, CLEAN, Hooks({"blocks.*.hook_resid_pre": add(delta)}))
+    per_layer, _ = forward(params, CLEAN, Hooks({f"blocks.{l}.hook_resid_pre": add(delta[l]) for l in range(cfg.n_layers)}))
+    np.testing.assert_allclose(stacked, per_layer, atol=1e-5)
+    with pytest.raises(ValueError, match="leading|shape"):
+        forward(params, CLEAN, Hooks({"blocks.*.hook_resid_pre": add(delta[:1])}))
