@@ -162,19 +162,32 @@ class HookPlan:
             return True
         return template in self.layer_ops or template in self.cache_layers
 
+    def covers_all_layers(self, layers: np.ndarray) -> bool:
+        return len(layers) == self.cfg.n_layers
+
+    def scanned_ops(self) -> dict[str, Intervention]:
+        """Interventions present at every layer, stacked [layer, ...]: fed to the layer scan as
+        scanned inputs (a per-layer gather from a closed-over array would make the scan's
+        gradient accumulate a full [layer, ...] cotangent per step)."""
+        return {t: iv for t, (layers, iv) in self.layer_ops.items() if self.covers_all_layers(layers)}
+
     def init_buffers(self, dtype, embedded: Array) -> dict[str, Array]:
-        """Scan-carried state: cache buffers per template, and the running node outputs for edges."""
+        """Scan-carried state: buffers for templates cached at some layers only, and the running
+        node outputs for edge patching. Templates cached at every layer are scan outputs instead."""
         buffers = {t: jnp.zeros((len(layers),) + self.shapes[t], dtype)
-                   for t, layers in self.cache_layers.items()}
+                   for t, layers in self.cache_layers.items() if not self.covers_all_layers(layers)}
         if self.edges is not None:
             buffers[EDGE_OUTPUTS] = self.edges.initial_outputs(embedded)
         return buffers
 
-    def collect_cache(self, top_cache: dict[str, Array], buffers: dict[str, Array]) -> dict[str, Array]:
+    def collect_cache(self, top_cache: dict[str, Array], buffers: dict[str, Array],
+                      outputs: dict[str, Array]) -> dict[str, Array]:
+        """Cache by full hook name from top-level values, carried buffers and scan outputs."""
         cache = dict(top_cache)
         for template, layers in self.cache_layers.items():
+            stacked = outputs[template] if template in outputs else buffers[template]
             for i, layer in enumerate(layers):
-                cache[f"blocks.{int(layer)}.{template}"] = buffers[template][i]
+                cache[f"blocks.{int(layer)}.{template}"] = stacked[int(layer) if template in outputs else i]
         return cache
 
 
@@ -266,13 +279,18 @@ def _select_layer(layers: np.ndarray, layer) -> tuple[Array | None, Array]:
 class HookContext:
     """Applies the plan at the hook points of one block (or of the top level, layer=None).
 
-    Called as `x = hook("attn.hook_z", x)` by the model code; collects cached activations.
+    Called as `x = hook("attn.hook_z", x)` by the model code. `layer_ops` holds this layer's slice
+    of the interventions present at every layer; cached activations go to `outputs` (templates
+    cached at every layer), `buffers` (some layers) or `top_cache` (top level).
     """
 
-    def __init__(self, plan: HookPlan, layer=None, buffers: dict[str, Array] | None = None):
+    def __init__(self, plan: HookPlan, layer=None, buffers: dict[str, Array] | None = None,
+                 layer_ops: dict[str, Intervention] | None = None):
         self.plan = plan
         self.layer = layer
         self.buffers = dict(buffers or {})
+        self.layer_ops = layer_ops or {}
+        self.outputs: dict[str, Array] = {}
         self.top_cache: dict[str, Array] = {}
 
     def uses(self, template: str) -> bool:
@@ -290,24 +308,23 @@ class HookContext:
         if edges is not None and name in _EDGE_INPUTS:
             correction = edges.correction(self.buffers[EDGE_OUTPUTS], edges.tables[_EDGE_INPUTS[name]][self.layer])
             x = x + (correction[:, :, 0] if name == "hook_mlp_in" else correction)
-        if name in plan.layer_ops:
+        if name in self.layer_ops:
+            x = apply_intervention(x, self.layer_ops[name])
+        elif name in plan.layer_ops:
             layers, stacked = plan.layer_ops[name]
-            every_layer = len(layers) == plan.cfg.n_layers
-            present, idx = (None, self.layer) if every_layer else _select_layer(layers, self.layer)
+            present, idx = _select_layer(layers, self.layer)
             iv = jax.tree.map(lambda a: a[idx], stacked)
-            patched = apply_intervention(x, iv)
-            x = patched if present is None else jnp.where(present, patched, x)
+            x = jnp.where(present, apply_intervention(x, iv), x)
         if name in plan.cache_layers:
             layers = plan.cache_layers[name]
-            buf = self.buffers[name]
-            if len(layers) == plan.cfg.n_layers:
-                buf = jax.lax.dynamic_update_index_in_dim(buf, x.astype(buf.dtype), self.layer, 0)
+            if plan.covers_all_layers(layers):
+                self.outputs[name] = x
             else:
+                buf = self.buffers[name]
                 present, idx = _select_layer(layers, self.layer)
                 keep = jax.lax.dynamic_index_in_dim(buf, idx, 0, keepdims=False)
-                buf = jax.lax.dynamic_update_index_in_dim(
+                self.buffers[name] = jax.lax.dynamic_update_index_in_dim(
                     buf, jnp.where(present, x.astype(buf.dtype), keep), idx, 0)
-            self.buffers[name] = buf
         if edges is not None and name in _EDGE_OUTPUTS:
             rows = edges.tables[_EDGE_OUTPUTS[name]][self.layer]
             outputs = jnp.moveaxis(x, 2, 0) if name == "attn.hook_result" else x[None]

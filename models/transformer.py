@@ -55,23 +55,26 @@ class Transformer(nnx.Module):
             x = x + top("hook_pos_embed", jnp.take(self.W_pos[...], position_ids, axis=0))
         return x
 
-    def run_blocks(self, x: Array, plan: HookPlan, position_ids: Array) -> tuple[Array, dict[str, Array]]:
-        """Scan the stacked blocks over the residual [batch, pos, d_model]; returns it and the
-        scan-carried buffers (cached activations, running node outputs for edge patching)."""
+    def run_blocks(self, x: Array, plan: HookPlan, position_ids: Array
+                   ) -> tuple[Array, dict[str, Array], dict[str, Array]]:
+        """Scan the stacked blocks over the residual [batch, pos, d_model]. Returns the residual,
+        the scan-carried buffers (partial caches, running node outputs for edge patching) and the
+        per-layer scan outputs (templates cached at every layer, stacked [layer, ...])."""
         cfg = self.cfg
         rope = rope_tables(cfg.rope, position_ids) if cfg.positional == "rotary" else None
         block_def, block_state = nnx.split(self.blocks)
 
         def step(carry, xs):
             resid, buffers = carry
-            state, layer = xs
-            hook = HookContext(plan, layer, buffers)
+            state, layer, layer_ops = xs
+            hook = HookContext(plan, layer, buffers, layer_ops)
             resid = nnx.merge(block_def, state)(resid, hook, rope)
-            return (resid, hook.buffers), None
+            return (resid, hook.buffers), hook.outputs
 
         layers = jnp.arange(cfg.n_layers, dtype=jnp.int32)
-        (x, buffers), _ = jax.lax.scan(step, (x, plan.init_buffers(x.dtype, x)), (block_state, layers))
-        return x, buffers
+        xs = (block_state, layers, plan.scanned_ops())
+        (x, buffers), outputs = jax.lax.scan(step, (x, plan.init_buffers(x.dtype, x)), xs)
+        return x, buffers, outputs
 
     def unembed(self, x: Array) -> Array:
         """Residual after the final norm [..., d_model] -> logits [..., d_vocab]."""
@@ -87,13 +90,13 @@ class Transformer(nnx.Module):
         plan = make_plan(self.cfg, hooks, batch, pos)
         top = HookContext(plan)
         x = self.embed(tokens, position_ids, top)
-        x, buffers = self.run_blocks(x, plan, position_ids)
+        x, buffers, outputs = self.run_blocks(x, plan, position_ids)
         if plan.edges is not None:
             x = x + plan.edges.logits_correction(buffers.pop(EDGE_OUTPUTS))
         x = self.ln_final(x, top, "ln_final")
         if logits_at is not None:
             x = x[jnp.arange(batch), logits_at]
-        return self.unembed(x), plan.collect_cache(top.top_cache, buffers)
+        return self.unembed(x), plan.collect_cache(top.top_cache, buffers, outputs)
 
 
 def abstract_model(cfg: ModelConfig) -> tuple[nnx.GraphDef, nnx.State]:

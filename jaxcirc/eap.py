@@ -1,0 +1,255 @@
+"""Edge attribution patching: EAP and EAP-IG (inputs variant), one compiled program per batch.
+
+The graph (`jaxcirc.graph`): nodes input / a{l}.h{h} / m{l} write to the residual stream;
+destinations a{l}.h{h}<q>, <k>, <v> (per kv head under GQA), m{l} and logits read it. Because a
+destination's input is the sum of its upstream nodes' outputs, patching edge u -> v (u's
+corrupted output into v's input only) changes v's input by  z'_u - z_u, and
+
+    s(u -> v) = mean_pairs  sum_pos  (z'_u - z_u) . dM/d(input_v)
+
+(experiments.md A.5, hannamw/EAP-IG): ' is the corrupted run, z_u is u's output in the clean run
+(input = hook_embed + hook_pos_embed, head = attn.hook_result[:, :, h] without b_O, MLP =
+hook_mlp_out). Sign convention Δ = corrupted - clean: a score estimates M(clean run with that edge
+patched to its corrupted value) - M(clean run); with logit difference, edges that carry the
+behaviour score negative. dM/d(input_v) comes from zero `add` deltas at blocks.{l}.hook_q_input,
+hook_k_input, hook_v_input, hook_mlp_in and blocks.{L-1}.hook_resid_post (the logits).
+
+* EAP: the gradient in the clean run.
+* EAP-IG ("inputs" variant): the gradient averaged over m forwards on the clean tokens whose input
+  embeddings are interpolated, x_k = emb' + (k/m)(emb - emb'), k = 0..m-1 (`endpoint="left"`,
+  experiments.md A.5 and the hannamw/EAP-IG version it cites; m = 5 by default). The interpolation
+  steps run inside the one program, `step_chunk` of them at a time as one batch of
+  step_chunk x batch sequences (a `lax.scan` over the chunks; default: all steps at once).
+  `endpoint="right"` uses k = 1..m (later hannamw/EAP-IG releases), so m = 1 is plain EAP.
+
+Scores are `einsum('bpnd,bpmd->nm', z' - z, grad)` over pairs and positions, divided by the number
+of pairs and zeroed on invalid edges.
+
+    result = eap_ig(model.config, model.params, pairs, steps=5)
+    result.scores            # [n_src, n_dst]; result.graph.node_names / dst_names
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any, Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxcirc.attribution import (base_interventions, check_pairs, pair_chunks, resolve_metric,
+                                 stack_layers, with_add, zeros_for)
+from jaxcirc.graph import Graph
+from jaxcirc.hooks import Hooks, Intervention, replace
+from jaxcirc.metrics import Metric, metric_name
+from jaxcirc.models.config import ModelConfig
+from jaxcirc.models.transformer import make_forward
+from jaxcirc.pairs import MinimalPairs
+
+Array = jax.Array
+Endpoint = Literal["left", "right"]
+
+_DST_TEMPLATES = ("hook_q_input", "hook_k_input", "hook_v_input", "hook_mlp_in")
+
+
+@dataclasses.dataclass(frozen=True)
+class EdgeScores:
+    """Edge scores [n_src, n_dst] in `graph` order, with how they were computed."""
+
+    scores: Array
+    graph: Graph
+    method: str
+    steps: int
+    metric: str
+    n_pairs: int
+    metadata: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+    dims: tuple[str, str] = ("src_node", "dst")
+
+    def node_scores(self) -> np.ndarray:
+        """[n_src] sum of each node's outgoing edge scores (≈ the node's AtP)."""
+        return self.graph.node_totals(np.asarray(self.scores))
+
+    def top(self, k: int = 20) -> list[tuple[str, float]]:
+        """The k edges with the largest |score|, as ("src->dst", score)."""
+        return self.graph.top_edges(np.asarray(self.scores), k)
+
+    def arrays(self) -> dict[str, tuple[np.ndarray, tuple[str, ...]]]:
+        """`{"edge_scores": (array, dims)}` for `jaxcirc.rundir.write_run`."""
+        return {"edge_scores": (np.asarray(self.scores), self.dims)}
+
+    def describe(self) -> dict[str, Any]:
+        """JSON-able metadata: method, steps, metric, pairs, node and destination names."""
+        return {"method": self.method, "steps": self.steps, "metric": self.metric, "n_pairs": self.n_pairs,
+                "node_names": list(self.graph.node_names), "dst_names": list(self.graph.dst_names),
+                **dict(self.metadata)}
+
+
+def node_output_names(cfg: ModelConfig) -> tuple[str, ...]:
+    names = ["hook_embed", "blocks.*.attn.hook_result", "blocks.*.hook_mlp_out"]
+    if cfg.positional == "learned":
+        names.insert(1, "hook_pos_embed")
+    return tuple(names)
+
+
+def stack_node_outputs(cfg: ModelConfig, cache: Mapping[str, Array]) -> Array:
+    """Node outputs [batch, pos, n_src, d_model] in graph order (input, then per layer heads, MLP)."""
+    embed = cache["hook_embed"] + cache.get("hook_pos_embed", 0)
+    result = stack_layers(cache, "attn.hook_result", cfg.n_layers)             # [l, b, p, h, d]
+    mlp = stack_layers(cache, "hook_mlp_out", cfg.n_layers)[:, :, :, None]      # [l, b, p, 1, d]
+    per_layer = jnp.concatenate([result, mlp], axis=3)                          # [l, b, p, h+1, d]
+    batch, pos = embed.shape[:2]
+    per_layer = jnp.moveaxis(per_layer, 0, 2).reshape(batch, pos, -1, cfg.d_model)
+    return jnp.concatenate([embed[:, :, None], per_layer], axis=2)
+
+
+def stack_destination_grads(cfg: ModelConfig, grads: Mapping[str, Array]) -> Array:
+    """Destination gradients [batch, pos, n_dst, d_model] in graph order (per layer q, k, v, MLP; logits)."""
+    parts = [grads["hook_q_input"], grads["hook_k_input"], grads["hook_v_input"],
+             grads["hook_mlp_in"][:, :, :, None]]
+    per_layer = jnp.concatenate(parts, axis=3)                                  # [l, b, p, D, d]
+    batch, pos = per_layer.shape[1:3]
+    per_layer = jnp.moveaxis(per_layer, 0, 2).reshape(batch, pos, -1, cfg.d_model)
+    return jnp.concatenate([per_layer, grads["logits"][:, :, None]], axis=2)
+
+
+def _tile_batch(tree: Any, copies: int, batch: int) -> Any:
+    """Repeat every batch-first array `copies` times along the batch: [b, ...] -> [copies * b, ...]
+    (copy c of example i at c * b + i); arrays with a leading 1 (broadcast) or scalars stay."""
+    def tile(a):
+        a = jnp.asarray(a)
+        if a.ndim and a.shape[0] == batch and copies > 1:
+            return jnp.concatenate([a] * copies, axis=0)
+        return a
+    return jax.tree.map(tile, tree)
+
+
+def _eap_chunk_impl(params, pairs: MinimalPairs, weight: Array, base: dict[str, Intervention],
+                    alphas: Array | None, *, cfg: ModelConfig, metric: Metric, step_chunk: int) -> Array:
+    forward = make_forward(cfg, jit=False)
+    L = cfg.n_layers
+    batch, pos = pairs.clean.shape
+    outputs = node_output_names(cfg)
+    dtype = jnp.dtype(cfg.dtype)
+
+    def gradients(run_pairs: MinimalPairs, run_base: dict[str, Intervention], clean_logits: Array | None,
+                  embed: Array | None, cache_names=()):
+        """dM/d(destination inputs) for the clean tokens of `run_pairs` (embeddings replaced by `embed`)."""
+        n = run_pairs.clean.shape[0]
+        zeros = {t: zeros_for(cfg, t, n, pos, dtype) for t in _DST_TEMPLATES}
+        zeros["logits"] = jnp.zeros((n, pos, cfg.d_model), dtype)
+
+        def metric_sum(deltas):
+            interventions = dict(run_base)
+            for t in _DST_TEMPLATES:
+                for l in range(L):
+                    with_add(interventions, f"blocks.{l}.{t}", deltas[t][l])
+            with_add(interventions, f"blocks.{L - 1}.hook_resid_post", deltas["logits"])
+            if embed is not None:
+                if "hook_embed" in interventions:
+                    raise ValueError("EAP-IG interpolates hook_embed; remove the user intervention there.")
+                interventions["hook_embed"] = replace(embed)
+            logits, cache = forward(params, run_pairs.clean, Hooks(interventions, cache=cache_names),
+                                    logits_at=run_pairs.position)
+            reference = jax.lax.stop_gradient(logits) if clean_logits is None else clean_logits
+            return metric(logits, run_pairs, reference).sum(), cache
+        return jax.grad(metric_sum, has_aux=True)(zeros)
+
+    _, corrupt_cache = forward(params, pairs.corrupt, Hooks(base, cache=outputs), logits_at=pairs.position)
+    if alphas is None:
+        grads, clean_cache = gradients(pairs, base, None, None, outputs)
+    else:
+        clean_logits, clean_cache = forward(params, pairs.clean, Hooks(base, cache=outputs),
+                                            logits_at=pairs.position)
+        emb, emb_x = clean_cache["hook_embed"], corrupt_cache["hook_embed"]
+        # The interpolation steps of a chunk run as one batch of chunk * batch sequences (vmapping the
+        # gradient of the layer scan instead costs memory quadratic in the depth on XLA), and a scan
+        # over the chunks accumulates their sum.
+        n_steps = alphas.shape[0]
+        chunk = min(step_chunk, n_steps)
+        n_chunks = -(-n_steps // chunk)
+        pad = n_chunks * chunk - n_steps
+        chunk_alphas = jnp.concatenate([alphas, jnp.zeros(pad, alphas.dtype)]).reshape(n_chunks, chunk)
+        chunk_weights = (jnp.arange(n_chunks * chunk) < n_steps).astype(jnp.float32).reshape(n_chunks, chunk)
+        run_pairs, run_base = _tile_batch(pairs, chunk, batch), _tile_batch(base, chunk, batch)
+        run_logits = _tile_batch(clean_logits, chunk, batch)
+
+        def step(total, xs):
+            alpha, w = xs                                                       # [chunk]
+            embed = emb_x[None] + alpha.astype(emb.dtype)[:, None, None, None] * (emb - emb_x)[None]
+            g, _ = gradients(run_pairs, run_base, run_logits, embed.reshape((chunk * batch,) + emb.shape[1:]))
+
+            def fold(acc, x, axis):  # [.., chunk * batch, ..] -> weighted sum over the chunk's steps
+                x = x.reshape(x.shape[:axis] + (chunk, batch) + x.shape[axis + 1:])
+                return acc + jnp.tensordot(w, jnp.moveaxis(x, axis, 0), axes=1)
+            return {k: fold(total[k], g[k], 0 if k == "logits" else 1) for k in total}, None
+
+        zero = {t: zeros_for(cfg, t, batch, pos, jnp.float32) for t in _DST_TEMPLATES}
+        zero["logits"] = jnp.zeros((batch, pos, cfg.d_model), jnp.float32)
+        total, _ = jax.lax.scan(step, zero, (chunk_alphas, chunk_weights))
+        grads = jax.tree.map(lambda g: g / n_steps, total)
+
+    diff = stack_node_outputs(cfg, corrupt_cache) - stack_node_outputs(cfg, clean_cache)
+    row_weight = weight[:, None] * pairs.mask.astype(jnp.float32)               # [b, p]
+    diff = diff.astype(jnp.float32) * row_weight[:, :, None, None]
+    dst_grads = stack_destination_grads(cfg, grads).astype(jnp.float32)
+    return jnp.einsum("bpnd,bpmd->nm", diff, dst_grads, precision=jax.lax.Precision.HIGHEST)
+
+
+eap_chunk = jax.jit(_eap_chunk_impl, static_argnames=("cfg", "metric", "step_chunk"))
+eap_chunk.__doc__ = """Jitted EAP / EAP-IG of one chunk: (params, pairs, weight [batch], base interventions,
+alphas [steps] or None for EAP, **static) -> weighted sum over the chunk's pairs of the edge scores
+[n_src, n_dst] (invalid edges not zeroed). The interpolation coefficients are data, so both endpoint
+conventions share one compilation per number of steps."""
+
+
+def ig_alphas(steps: int, endpoint: Endpoint = "left") -> np.ndarray:
+    """[steps] interpolation coefficients k/m: k = 0..m-1 ("left") or 1..m ("right")."""
+    first = 0 if endpoint == "left" else 1
+    return (np.arange(first, first + steps) / steps).astype(np.float32)
+
+
+def eap(cfg: ModelConfig, params: Any, pairs: MinimalPairs, *, metric: str | Metric = "logit_diff",
+        method: Literal["eap", "eap-ig"] = "eap", steps: int = 5, endpoint: Endpoint = "left",
+        batch_size: int | None = None, step_chunk: int | None = None,
+        hooks: Hooks | Mapping[str, Intervention] | None = None) -> EdgeScores:
+    """Edge attribution scores [n_src, n_dst] (graph order of `jaxcirc.graph`), mean over pairs.
+
+    method "eap": gradient at the clean run; "eap-ig": averaged over `steps` input-embedding
+    interpolations (k = 0..steps-1 with endpoint "left", 1..steps with "right"). Each score
+    estimates M(clean with the edge patched to corrupted) - M(clean). `batch_size` chunks the pairs
+    (one compilation for all chunks); `step_chunk` bounds how many IG steps run at once (memory).
+    `hooks`: interventions applied to every forward (per-pair arrays are chunked with the pairs).
+    """
+    check_pairs(cfg, pairs)
+    if method not in ("eap", "eap-ig"):
+        raise ValueError(f"Unknown method {method!r}; use 'eap' or 'eap-ig'.")
+    if endpoint not in ("left", "right"):
+        raise ValueError(f"endpoint must be 'left' (k = 0..m-1) or 'right' (k = 1..m), got {endpoint!r}.")
+    integrated = method == "eap-ig"
+    if integrated and (not isinstance(steps, (int, np.integer)) or steps < 1):
+        raise ValueError(f"EAP-IG needs steps >= 1 (the semantic-role paper uses 5), got {steps!r}.")
+    steps = int(steps) if integrated else 1
+    metric_fn = resolve_metric(metric)
+    base = base_interventions(hooks)
+    graph = Graph.from_config(cfg)
+    static = dict(cfg=cfg, metric=metric_fn, step_chunk=int(step_chunk or steps))
+    alphas = jnp.asarray(ig_alphas(steps, endpoint)) if integrated else None
+
+    n = int(pairs.clean.shape[0])
+    total = None
+    for chunk, weight, _, chunk_base in pair_chunks(pairs, batch_size, base):
+        part = eap_chunk(params, chunk, weight, chunk_base, alphas, **static)
+        total = part if total is None else total + part
+    scores = jnp.where(jnp.asarray(graph.valid), total / n, 0.0)
+    metadata = {"sign": "score ~ M(clean run with the edge patched to its corrupted value) - M(clean run)",
+                "endpoint": endpoint if integrated else None,
+                "interpolated": "input embeddings (hook_embed)" if integrated else None}
+    return EdgeScores(scores, graph, method, steps, metric_name(metric), n, metadata)
+
+
+def eap_ig(cfg: ModelConfig, params: Any, pairs: MinimalPairs, *, steps: int = 5, **kwargs: Any) -> EdgeScores:
+    """EAP-IG (inputs variant), `steps` interpolation steps (default 5); see `eap`."""
+    return eap(cfg, params, pairs, method="eap-ig", steps=steps, **kwargs)
