@@ -365,6 +365,93 @@ def logits(model: ModelArg,
     console.print(table)
 
 
+# ----------------------------------------------------------------------------- analyses
+# Each analysis command is a thin wrapper over a `*_command` function that writes a run directory.
+
+OutOpt = Annotated[str, typer.Option("--out", help="Run directory to write (must not exist, unless --overwrite).")]
+OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace an existing run directory (kept until the new one is complete).")]
+PairsOpt = Annotated[str, typer.Option("--pairs", help='JSONL of {"clean", "corrupt", "answer", "foil"} texts.')]
+MetricOpt = Annotated[str, typer.Option(help="logit_diff | logprob | prob_diff | kl")]
+
+
+def _done(out: Any) -> None:
+    _console().print(f"wrote {out} (report.md, results.json, arrays.npz, figures/)")
+
+
+@app.command()
+@handle_errors
+def patch(model: ModelArg, pairs: PairsOpt, out: OutOpt,
+          site: Annotated[str, typer.Option(help="resid_pre|resid_mid|resid_post|attn_out|mlp_out|z|q|k|v|pattern or a block hook.")] = "resid_pre",
+          by: Annotated[str, typer.Option(help="Comma-separated dims, e.g. layer,pos or layer,head.")] = "layer,pos",
+          metric: MetricOpt = "logit_diff",
+          direction: Annotated[str, typer.Option(help="denoising (patch clean into corrupted) or noising.")] = "denoising",
+          source: Annotated[str, typer.Option(help="resample | zero | mean | pos_mean")] = "resample",
+          max_pairs: Annotated[int | None, typer.Option(help="Use at most this many pairs.")] = None,
+          overwrite: OverwriteOpt = False) -> None:
+    """Exact activation patching sweep over minimal pairs (one compiled program)."""
+    from jaxcirc.attribution_report import patch_command
+
+    _done(patch_command(model, pairs, out, site=site, by=by, metric=metric, direction=direction,
+                        source=source, max_pairs=max_pairs, overwrite=overwrite))
+
+
+@app.command()
+@handle_errors
+def attribute(model: ModelArg, pairs: PairsOpt, out: OutOpt,
+              method: Annotated[str, typer.Option(help="atp | atp-star | eap | eap-ig")] = "atp",
+              metric: MetricOpt = "logit_diff",
+              steps: Annotated[int, typer.Option(help="EAP-IG interpolation steps.")] = 5,
+              max_pairs: Annotated[int | None, typer.Option(help="Use at most this many pairs.")] = None,
+              batch_size: Annotated[int, typer.Option(help="Pairs per compiled batch.")] = 8,
+              validate: Annotated[bool, typer.Option(help="AtP: also run exact head patching and report the correlation.")] = False,
+              overwrite: OverwriteOpt = False) -> None:
+    """Attribution patching (AtP, AtP*) or edge attribution (EAP, EAP-IG) over minimal pairs."""
+    from jaxcirc.attribution_report import attribute_command
+
+    _done(attribute_command(model, pairs, out, method=method, metric=metric, steps=steps, max_pairs=max_pairs,
+                            batch_size=batch_size, validate=validate, overwrite=overwrite))
+
+
+@app.command()
+@handle_errors
+def circuit(run_dir: Annotated[str, typer.Argument(help="Run directory of `jaxcirc attribute --method eap|eap-ig`.")],
+            out: OutOpt,
+            top_edges: Annotated[int, typer.Option(help="Edges kept in the circuit.")] = 200,
+            ablation: Annotated[str, typer.Option(help="What non-circuit edges carry: corrupt | mean | zero.")] = "corrupt",
+            overwrite: OverwriteOpt = False) -> None:
+    """Circuit from edge scores: concentration, faithfulness by exact edge patching, drawing."""
+    from jaxcirc.circuit_report import circuit_command
+
+    _done(circuit_command(run_dir, out, top_edges=top_edges, ablation=ablation, overwrite=overwrite))
+
+
+@app.command()
+@handle_errors
+def compare(circuits: Annotated[list[str], typer.Argument(help="circuit.json files or `jaxcirc circuit` run directories.")],
+            out: OutOpt,
+            bins: Annotated[int, typer.Option(help="Depth bins for matching models of different depth.")] = 10,
+            k: Annotated[int, typer.Option(help="Top-k Laplacian eigenvalues compared.")] = 16,
+            overwrite: OverwriteOpt = False) -> None:
+    """Overlap (by index and depth bins) and spectral similarity of circuits."""
+    from jaxcirc.circuit_report import compare_command
+
+    _done(compare_command(circuits, out, bins=bins, k=k, overwrite=overwrite))
+
+
+@app.command()
+@handle_errors
+def train(config: Annotated[str, typer.Argument(help="TOML config, or a built-in name (role_suite).")],
+          out: Annotated[str, typer.Option("--out", help="Output directory (an existing run resumes).")],
+          model: Annotated[list[str] | None, typer.Option("--model", help="Only these models of a suite.")] = None,
+          steps: Annotated[int | None, typer.Option(help="Override the number of training steps.")] = None,
+          stop_at: Annotated[int | None, typer.Option("--stop-at", help="Stop after this step (resume later).")] = None,
+          quiet: bool = False) -> None:
+    """Train a model or a suite with Pythia-like checkpoints (resumes an interrupted run)."""
+    from jaxcirc.training import train_command
+
+    train_command(config, out, models=model, steps=steps, stop_at=stop_at, quiet=quiet)
+
+
 def main() -> None:  # pragma: no cover - `python -m jaxcirc.cli`
     app()
 

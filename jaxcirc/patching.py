@@ -115,14 +115,14 @@ class PatchResult:
         """[*dims] per-pair (patched - unpatched run) averaged like patch_effect."""
         return _masked_mean(self.per_pair - self.baseline, ~np.isnan(self.per_pair))
 
-    def arrays(self) -> dict[str, tuple[tuple[str, ...], np.ndarray]]:
-        """name -> (dims, array), as a run directory stores them."""
+    def arrays(self) -> dict[str, tuple[np.ndarray, tuple[str, ...]]]:
+        """name -> (array, dims), the form `jaxcirc.rundir.write_run` takes."""
         return {
-            "patch_effect": (self.dims, self.patch_effect),
-            "patch_effect_normalised": (self.dims, self.normalised),
-            "patch_effect_per_pair": (self.dims + ("pair",), self.per_pair),
-            "clean_metric": (("pair",), self.clean_metric),
-            "corrupt_metric": (("pair",), self.corrupt_metric),
+            "patch_effect": (self.patch_effect, self.dims),
+            "patch_effect_normalised": (self.normalised, self.dims),
+            "patch_effect_per_pair": (self.per_pair, self.dims + ("pair",)),
+            "clean_metric": (self.clean_metric, ("pair",)),
+            "corrupt_metric": (self.corrupt_metric, ("pair",)),
         }
 
     def metadata(self) -> dict[str, Any]:

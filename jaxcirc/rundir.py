@@ -70,7 +70,8 @@ def write_run(out_dir: str | Path, *, command: str, config: Mapping[str, Any],
     """Write a run directory atomically.
 
     arrays:  name -> (array, dims), e.g. {"patch_effect": (effect, ("layer", "pos"))}
-    figures: name -> matplotlib Figure (saved as figures/{name}.png and closed)
+    figures: name -> matplotlib Figure (saved as figures/{name}.png and closed), or a function
+             that writes the PNG to the path it is given
     """
     out_dir = Path(out_dir).absolute()
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
@@ -90,8 +91,12 @@ def write_run(out_dir: str | Path, *, command: str, config: Mapping[str, Any],
 
             (staging / "figures").mkdir()
             for name, figure in figures.items():
-                figure.savefig(staging / "figures" / f"{name}.png", dpi=110, bbox_inches="tight")
-                plt.close(figure)
+                path = staging / "figures" / f"{name}.png"
+                if callable(figure):  # a plotting function that writes the file itself
+                    figure(path)
+                else:
+                    figure.savefig(path, dpi=110, bbox_inches="tight")
+                    plt.close(figure)
         results = {
             "command": command,
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(),

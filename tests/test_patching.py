@@ -259,8 +259,8 @@ def test_result_metadata(models, pairs):
     meta = result.metadata()
     assert meta["hook"] == "attn.hook_k" and meta["metric"] == "prob_diff" and meta["n_patches"] == 4
     arrays = result.arrays()
-    assert arrays["patch_effect"][0] == ("layer", "kv_head")
-    assert arrays["patch_effect_per_pair"][1].shape == (2, 2, 3)
+    assert arrays["patch_effect"][1] == ("layer", "kv_head")
+    assert arrays["patch_effect_per_pair"][0].shape == (2, 2, 3)
     np.testing.assert_allclose(result.change, np.nanmean(result.per_pair - result.corrupt_metric, -1))
 
 
