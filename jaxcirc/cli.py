@@ -452,6 +452,23 @@ def train(config: Annotated[str, typer.Argument(help="TOML config, or a built-in
     train_command(config, out, models=model, steps=steps, stop_at=stop_at, quiet=quiet)
 
 
+@app.command()
+@handle_errors
+def position(model: ModelArg, out: OutOpt,
+             n_texts: Annotated[int, typer.Option(help="Texts of the shipped prose analysed.")] = 4,
+             seq_len: Annotated[int, typer.Option(help="Tokens per text.")] = 256,
+             seed: Annotated[list[int] | None, typer.Option(help="Seeds for random inits and shuffles (repeatable).")] = None,
+             sink: Annotated[str, typer.Option(help="Attention-sink column: exclude | include | separate.")] = "exclude",
+             lm_infinite_len: Annotated[int, typer.Option(help="Tokens for the LM-Infinite comparison.")] = 128,
+             dtype: DtypeOpt = "float32", overwrite: OverwriteOpt = False) -> None:
+    """Position generalization (Han & Ji): attention-logit decomposition vs random inits, q/k
+    frequency statistics, shuffle and position-id perturbation curves, LM-Infinite attention."""
+    from jaxcirc.position_report import position_command
+
+    _done(position_command(model, out, n_texts=n_texts, seq_len=seq_len, seeds=tuple(seed or (0,)), sink=sink,
+                           lm_infinite_len=lm_infinite_len, dtype=dtype, overwrite=overwrite))
+
+
 def main() -> None:  # pragma: no cover - `python -m jaxcirc.cli`
     app()
 
