@@ -121,8 +121,8 @@ def attribute_command(model_name: str, pairs_file: str | Path, out_dir: str | Pa
         result = atp(cfg, params, pairs, metric=metric, sites=("head", "mlp_out", "resid_pre"),
                      qk_fix=star, grad_drop=star, batch_size=batch_size)
         arrays = result.arrays()
-        config = {"model": model_name, "pairs": str(pairs_file), "method": method, "metric": metric,
-                  **{k: v for k, v in result.metadata.items() if isinstance(v, (str, int, float, bool))}}
+        config = {"model": model_name, "pairs": str(pairs_file), "max_pairs": max_pairs, "method": method,
+                  "metric": metric, **{k: v for k, v in result.metadata.items() if isinstance(v, (str, int, float, bool))}}
         for site in ("head", "mlp_out", "resid_pre"):
             values = np.asarray(result[site])
             dims = tuple(result.dims[site])
@@ -142,8 +142,8 @@ def attribute_command(model_name: str, pairs_file: str | Path, out_dir: str | Pa
     else:
         result = eap(cfg, params, pairs, metric=metric, method=method, steps=steps, batch_size=batch_size)
         arrays = {"edge_scores": (np.asarray(result.scores), ("src", "dst"))}
-        config = {"model": model_name, "pairs": str(pairs_file), "method": method, "metric": metric,
-                  "steps": result.steps, "src_names": list(result.graph.node_names),
+        config = {"model": model_name, "pairs": str(pairs_file), "max_pairs": max_pairs, "method": method,
+                  "metric": metric, "steps": result.steps, "src_names": list(result.graph.node_names),
                   "dst_names": list(result.graph.dst_names)}
         node = np.asarray(result.node_scores())
         scalars["n_edges"] = int(result.graph.n_edges)

@@ -32,7 +32,7 @@ def circuit_command(run_dir: str | Path, out_dir: str | Path, *, top_edges: int 
     if model.source_hash != results["model"]["hash"]:
         raise ValueError(f"The model {config['model']!r} now has hash {model.source_hash[:12]}, not the "
                          f"{results['model']['hash'][:12]} the attribution run used.")
-    pairs, _ = load_pairs(model, config["pairs"])
+    pairs, _ = load_pairs(model, config["pairs"], config.get("max_pairs"))  # the pairs the scores came from
     layout = EdgeLayout.canonical(model.config)
     scores = arrays["edge_scores"]
     provenance = {"model": config["model"], "model_hash": model.source_hash, "pairs": config["pairs"],
