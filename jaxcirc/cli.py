@@ -469,6 +469,22 @@ def position(model: ModelArg, out: OutOpt,
                            lm_infinite_len=lm_infinite_len, dtype=dtype, overwrite=overwrite))
 
 
+@app.command()
+@handle_errors
+def arithmetic(model: Annotated[str, typer.Argument(metavar="MODEL", help="Model to analyse.")] = "smollm2-135m",
+               task: Annotated[str, typer.Option(help="capitals | uppercase | past-tense | all")] = "all",
+               out: OutOpt = "runs/arithmetic",
+               n_examples: Annotated[int, typer.Option(help="Queries per task.")] = 24,
+               seed: int = 0,
+               n_shots: Annotated[int | None, typer.Option(help="Few-shot demonstrations (default per task).")] = None,
+               overwrite: OverwriteOpt = False) -> None:
+    """Word2Vec-style arithmetic (Merullo et al.): logit lens stages, o-vectors, abstractive vs extractive."""
+    from jaxcirc.arithmetic_report import arithmetic_command
+
+    _done(arithmetic_command(model, task, out, n_examples=n_examples, seed=seed, n_shots=n_shots,
+                             overwrite=overwrite))
+
+
 def main() -> None:  # pragma: no cover - `python -m jaxcirc.cli`
     app()
 
