@@ -38,13 +38,8 @@ def smollm(smollm_path, cache_dir):
 
 
 @pytest.fixture(scope="module")
-def hf_model(smollm_path):
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
-    pytest.importorskip("accelerate")
-    return transformers.AutoModelForCausalLM.from_pretrained(
-        smollm_path.parent, gguf_file=smollm_path.name, dtype=torch.float32
-    )
+def hf_model(smollm2_transformers):
+    return smollm2_transformers
 
 
 # --------------------------------------------------------------------------- a tiny GGUF writer

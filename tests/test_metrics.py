@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxcirc.metrics import METRICS, get_metric, kl, logit_diff, logprob, metric_name, normalise, pair_logits, prob_diff
+from jaxcirc.metrics import METRICS, get_metric, kl, logprob, metric_name, normalise, pair_logits, prob_diff
 from jaxcirc.pairs import from_tokens
 
 VOCAB = 11

@@ -12,7 +12,6 @@ import pytest
 
 import jaxcirc
 import tiny_hf
-from jaxcirc import registry
 from jaxcirc.cli import log_softmax, top_k
 
 TOL = 5e-5
@@ -126,14 +125,8 @@ def smollm():
 
 
 @pytest.fixture(scope="module")
-def smollm_hf():
-    import torch
-    import transformers
-
-    path = registry.resolve("smollm2-135m")
-    model = transformers.AutoModelForCausalLM.from_pretrained(
-        path.parent, gguf_file=path.name, dtype=torch.float32, attn_implementation="eager")
-    return model.eval()
+def smollm_hf(smollm2_transformers):
+    return smollm2_transformers
 
 
 def test_smollm2_gguf_matches_transformers(smollm, smollm_hf):
