@@ -485,6 +485,25 @@ def arithmetic(model: Annotated[str, typer.Argument(metavar="MODEL", help="Model
                              overwrite=overwrite))
 
 
+@app.command()
+@handle_errors
+def roles(model: Annotated[str, typer.Argument(metavar="MODEL_OR_SUITE", help="Model, trained suite directory, or Pythia step revisions.")] = "smollm2-135m",
+          out: OutOpt = "runs/roles",
+          suite: Annotated[str | None, typer.Option(help="Trained suite for emergence and cross-scale analyses (default: runs/role_suite if present).")] = None,
+          full: Annotated[bool, typer.Option("--full", help="The full run (256 pairs per role) instead of the quick one.")] = False,
+          pairs_per_role: Annotated[int | None, typer.Option(help="Override the pairs per role.")] = None,
+          roles_: Annotated[str | None, typer.Option("--roles", help="Comma-separated subset of roles.")] = None,
+          train_suite: Annotated[bool, typer.Option("--train-suite", help="Train the role suite first if it is missing.")] = False,
+          seed: int = 0, overwrite: OverwriteOpt = False) -> None:
+    """Semantic-role circuits (Aljaafari et al.): role-cross pairs, EAP-IG circuits, concentration,
+    faithfulness, emergence over checkpoints, cross-model overlap, spectra and CKA."""
+    from jaxcirc.roles_report import roles_command
+
+    _done(roles_command(model, out, suite_dir=suite, quick=not full, pairs_per_role=pairs_per_role,
+                        roles=roles_.split(",") if roles_ else None, train_suite=train_suite, seed=seed,
+                        overwrite=overwrite))
+
+
 def main() -> None:  # pragma: no cover - `python -m jaxcirc.cli`
     app()
 
