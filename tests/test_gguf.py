@@ -10,20 +10,11 @@ import pytest
 
 gguf = pytest.importorskip("gguf")
 
-from jaxcirc import registry  # noqa: E402
 from jaxcirc.models import gguf as jgguf  # noqa: E402
 from jaxcirc.tokenizer import _byte_alphabet  # noqa: E402
 
 
 # --------------------------------------------------------------------------- fixtures
-
-
-@pytest.fixture(scope="module")
-def smollm_path() -> Path:
-    try:
-        return registry.resolve("smollm2-135m")
-    except registry.ModelNotInstalledError as err:
-        pytest.skip(str(err))
 
 
 @pytest.fixture(scope="module")

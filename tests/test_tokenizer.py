@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
 gguf = pytest.importorskip("gguf")
 
-from jaxcirc import registry  # noqa: E402
 from jaxcirc.tokenizer import GGUF_PRE_TOKENIZERS, Tokenizer  # noqa: E402
 
 TEXTS = [
@@ -26,14 +24,6 @@ TEXTS = [
     "1,000,000 and 9.99%",
     "",
 ]
-
-
-@pytest.fixture(scope="module")
-def smollm_path() -> Path:
-    try:
-        return registry.resolve("smollm2-135m")
-    except registry.ModelNotInstalledError as err:
-        pytest.skip(str(err))
 
 
 @pytest.fixture(scope="module")
