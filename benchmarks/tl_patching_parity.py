@@ -73,7 +73,7 @@ def tl_model(name: str, hf_model):
             d_model=c.hidden_size, d_head=d_head, n_heads=c.num_attention_heads, d_mlp=c.intermediate_size,
             n_layers=c.num_hidden_layers, n_ctx=c.max_position_embeddings, eps=c.rms_norm_eps,
             d_vocab=c.vocab_size, act_fn="silu", normalization_type="RMS", positional_embedding_type="rotary",
-            rotary_dim=d_head, rotary_base=10000.0, rotary_adjacent_pairs=False, final_rms=True,
+            rotary_dim=d_head, rotary_base=_rope_theta(c), rotary_adjacent_pairs=False, final_rms=True,
             gated_mlp=True, n_key_value_heads=c.num_key_value_heads, original_architecture="LlamaForCausalLM",
             default_prepend_bos=False, device="cpu", dtype=torch.float32)
         state = convert_llama_weights(hf_model, cfg)
@@ -82,6 +82,14 @@ def tl_model(name: str, hf_model):
                                       center_unembed=False, fold_value_biases=False,
                                       refactor_factored_attn_matrices=False)
     return model.eval()
+
+
+def _rope_theta(config) -> float:
+    """The HF config's rotary base (transformers 5 keeps it in `rope_parameters`)."""
+    theta = getattr(config, "rope_theta", None)
+    if theta is None:
+        theta = (getattr(config, "rope_parameters", None) or {}).get("rope_theta", 10000.0)
+    return float(theta)
 
 
 def make_pairs(batch: int = 4, pos: int = 6, seed: int = 1):

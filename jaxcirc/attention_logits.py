@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxcirc.hooks import Hooks
+from jaxcirc.sharding import shard_batch, shard_params
 from jaxcirc.models.common import rope_inverse_frequencies
 from jaxcirc.models.config import ModelConfig
 
@@ -55,6 +56,11 @@ def _check_rotary(cfg: ModelConfig) -> None:
         raise ValueError(
             f"This analysis needs a rotary (RoPE) model; {cfg.family} uses {cfg.positional!r} position "
             "embeddings, so its logits have no relative-distance rotation to decompose."
+        )
+    if cfg.rope.interleaved:
+        raise ValueError(
+            f"{cfg.family} rotates interleaved pairs (dims 2l, 2l + 1: GPT-J's rotate-every-two); the "
+            "phasor analyses here pair dims l and l + rotary_dim / 2 and do not support it yet."
         )
 
 
@@ -93,17 +99,23 @@ def stack_qk(cfg: ModelConfig, cache: dict[str, Array], layers: Any = None) -> Q
 
 
 def cache_qk(model, tokens: Array, *, params: dict | None = None, layers: Any = None,
-             position_ids: Array | None = None) -> QK:
+             position_ids: Array | None = None, mesh: Any = None) -> QK:
     """Run `model` (a `jaxcirc.Model`) on tokens [batch, pos] and return its queries and keys.
 
-    Only the logits of the first position are unembedded (nothing here needs the others)."""
+    Only the logits of the first position are unembedded (nothing here needs the others).
+    `mesh` (`jaxcirc.sharding.make_mesh`): the batch over `data` (it must divide), weights over
+    `model`; the q/k come back sharded along their batch axis."""
     cfg = model.config
+    params = model.params if params is None else params
     tokens = jnp.asarray(tokens, jnp.int32)
     if tokens.ndim == 1:
         tokens = tokens[None]
+    logits_at = jnp.zeros(tokens.shape[0], jnp.int32)
+    if mesh is not None:
+        params = shard_params(params, mesh, cfg)
+        tokens, position_ids, logits_at = shard_batch((tokens, position_ids, logits_at), mesh)
     hooks = Hooks(cache=qk_cache_names(cfg, layers))
-    _, cache = model.forward(model.params if params is None else params, tokens, hooks,
-                             position_ids=position_ids, logits_at=jnp.zeros(tokens.shape[0], jnp.int32))
+    _, cache = model.forward(params, tokens, hooks, position_ids=position_ids, logits_at=logits_at)
     return stack_qk(cfg, cache, layers)
 
 
@@ -133,9 +145,10 @@ def logits_from_qk(rot_q: Array, rot_k: Array, *, causal: bool = True, fill: flo
 
 
 def attention_logits(model, tokens: Array, *, params: dict | None = None, layers: Any = None,
-                     causal: bool = True, fill: float = MASKED) -> Array:
-    """Pre-softmax logits of every layer and head: [layer, batch, head, q_pos, k_pos]."""
-    qk = cache_qk(model, tokens, params=params, layers=layers)
+                     causal: bool = True, fill: float = MASKED, mesh: Any = None) -> Array:
+    """Pre-softmax logits of every layer and head: [layer, batch, head, q_pos, k_pos]
+    (`mesh`: see `cache_qk`)."""
+    qk = cache_qk(model, tokens, params=params, layers=layers, mesh=mesh)
     return logits_from_qk(qk.rot_q, qk.rot_k, causal=causal, fill=fill)
 
 

@@ -59,11 +59,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxcirc.hooks import Hooks, Intervention, add
+from jaxcirc.memory import batch_for_budget, device_bytes, grad_sequence_bytes
 from jaxcirc.metrics import Metric, get_metric, metric_name
 from jaxcirc.models import hook_points
+from jaxcirc.models.common import alibi_bias, attention_mask
 from jaxcirc.models.config import ModelConfig
 from jaxcirc.models.transformer import make_forward
 from jaxcirc.pairs import MinimalPairs
+from jaxcirc.sharding import shard_along_batch, shard_params, to_host
 
 Array = jax.Array
 
@@ -131,6 +134,19 @@ def pair_chunks(pairs: MinimalPairs, batch_size: int | None,
         yield chunk, weight, real, jax.tree.map(per_pair, hooks)
 
 
+def budget_batch_size(cfg: ModelConfig, params: Any, pairs: MinimalPairs, memory_budget_bytes: int,
+                      mesh: Any = None, copies: int = 1) -> int:
+    """Pairs per chunk for a gradient pass (AtP, EAP; `copies` sequences per pair, e.g. EAP-IG's
+    step_chunk) within `memory_budget_bytes` per device, the chunk split over the mesh's `data`
+    axis; MemoryBudgetError (with the bytes needed) when one pair does not fit."""
+    data = 1 if mesh is None else int(dict(mesh.shape).get("data", 1))
+    per_pair = copies * 2 * grad_sequence_bytes(cfg, int(pairs.clean.shape[1]))  # clean + corrupted
+    return batch_for_budget(int(pairs.clean.shape[0]), per_pair, memory_budget_bytes,
+                            fixed_bytes=device_bytes(params), data=data,
+                            hint="Pass a larger memory budget, a shorter sequence, or a mesh with more "
+                                 "devices on data or model.")
+
+
 def base_interventions(hooks: Hooks | Mapping[str, Intervention] | None) -> dict[str, Intervention]:
     """User interventions applied to every forward of an attribution (e.g. a frozen LayerNorm scale)."""
     if hooks is None:
@@ -185,12 +201,20 @@ def _rotated_names(cfg: ModelConfig) -> tuple[str, str]:
 
 
 def _scores(cfg: ModelConfig, q: Array, k: Array) -> Array:
-    """Causal attention scores as the model computes them: q [..,b,s,H,dh], k [..,b,t,H,dh] -> [..,b,H,s,t]
-    with -inf above the diagonal."""
-    s = jnp.einsum("...shd,...thd->...hst", q.astype(jnp.float32), k.astype(jnp.float32)) / np.sqrt(cfg.d_head)
+    """Attention scores as the model computes them (scale, soft cap, ALiBi at positions 0..pos-1,
+    each layer's mask): q [layer,b,s,H,dh], k [layer,b,t,H,dh] -> [layer,b,H,s,t], -inf where masked."""
+    if cfg.attention_window is not None and cfg.attention_window.max_distance is not None:
+        raise ValueError("AtP*'s QK-fix does not model attention_window.max_distance (capped rotary distances).")
+    s = jnp.einsum("...shd,...thd->...hst", q.astype(jnp.float32), k.astype(jnp.float32))
+    s = s / np.sqrt(cfg.d_head) if cfg.query_scale is None else s * np.float32(cfg.query_scale)
+    if cfg.attn_softcap is not None:
+        s = cfg.attn_softcap * jnp.tanh(s / cfg.attn_softcap)
     pos = q.shape[-3]
-    causal = jnp.tril(jnp.ones((pos, pos), bool))
-    return jnp.where(causal, s, -jnp.inf)
+    if cfg.positional == "alibi":
+        s = s + alibi_bias(cfg.n_heads, jnp.arange(pos)[None])[0]
+    windows = cfg.layer_windows or (0,) * q.shape[0]
+    allowed = jnp.stack([attention_mask(cfg, pos, jnp.int32(w)) for w in windows])  # [layer, s, t]
+    return jnp.where(allowed[:, None, None], s, -jnp.inf)
 
 
 def qk_fix_effects(cfg: ModelConfig, q: Array, k: Array, v: Array, q_x: Array, k_x: Array, v_x: Array,
@@ -358,7 +382,8 @@ def _dims(site: str, per_position: bool) -> tuple[str, ...]:
 def atp(cfg: ModelConfig, params: Any, pairs: MinimalPairs, *, metric: str | Metric = "logit_diff",
         sites: Sequence[str] = ("head",), per_position: bool = False, qk_fix: bool = False,
         grad_drop: bool = False, per_pair: bool = False, batch_size: int | None = None,
-        hooks: Hooks | Mapping[str, Intervention] | None = None) -> Attribution:
+        hooks: Hooks | Mapping[str, Intervention] | None = None, mesh: Any = None,
+        memory_budget_bytes: int | None = None) -> Attribution:
     """Attribution patching of `sites` (see `SITES`) over minimal pairs, mean over pairs.
 
     Each score estimates metric(clean run with that component patched from the corrupted run)
@@ -366,7 +391,11 @@ def atp(cfg: ModelConfig, params: Any, pairs: MinimalPairs, *, metric: str | Met
     `qk_fix` needs the "head" site). `per_pair` keeps a leading batch dim instead of the mean.
     `batch_size` chunks the pairs (one compilation for all chunks). `hooks` are interventions
     applied to every forward (e.g. freezing a LayerNorm scale; arrays whose leading dim is the
-    number of pairs are chunked with them). Returns an `Attribution`:
+    number of pairs are chunked with them). `mesh` (`jaxcirc.sharding.make_mesh`): each chunk's
+    pairs over `data` (the chunk size must divide it), large weights over `model`; the scores equal
+    the unsharded ones. `memory_budget_bytes` (per device; only without `batch_size`): the chunk
+    size that fits it (`budget_batch_size`), or MemoryBudgetError when one pair does not fit.
+    Returns an `Attribution`:
     scores [layer, ...] by site with dims and metadata.
     """
     check_pairs(cfg, pairs)
@@ -389,7 +418,13 @@ def atp(cfg: ModelConfig, params: Any, pairs: MinimalPairs, *, metric: str | Met
     n = int(pairs.clean.shape[0])
     totals: dict[str, Any] = {}
     drops: dict[str, Any] = {}
+    if mesh is not None:
+        params, pairs = shard_params(params, mesh, cfg), to_host(pairs)  # chunks are cut on the host
+    if batch_size is None and memory_budget_bytes is not None:
+        batch_size = budget_batch_size(cfg, params, pairs, memory_budget_bytes, mesh)
     for chunk, weight, real, chunk_base in pair_chunks(pairs, batch_size, base):
+        if mesh is not None:
+            chunk, weight, chunk_base = shard_along_batch((chunk, weight, chunk_base), mesh, len(weight))
         main, per_layer = atp_chunk(params, chunk, weight, chunk_base, **static)
         if per_pair:
             main = {k: v[:real] for k, v in main.items()}

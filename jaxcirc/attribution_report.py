@@ -60,15 +60,21 @@ def _top_entries(array: np.ndarray, dims: tuple[str, ...], k: int = 10) -> list[
 
 def patch_command(model_name: str, pairs_file: str | Path, out_dir: str | Path, *, site: str = "resid_pre",
                   by: str = "layer,pos", metric: str = "logit_diff", direction: str = "denoising",
-                  source: str = "resample", max_pairs: int | None = None, overwrite: bool = False) -> Path:
-    """Exact activation patching of `site` by `by` over the pairs of `pairs_file`; writes a run dir."""
+                  source: str = "resample", max_pairs: int | None = None, overwrite: bool = False,
+                  budget: str | int | None = None, chunk: int | None = None, mesh: str | None = None) -> Path:
+    """Exact activation patching of `site` by `by` over the pairs of `pairs_file`; writes a run dir.
+    budget: bytes per device (or '2GiB'); chunk: patches per vmapped chunk; mesh: 'auto' | 'DxM'."""
     from jaxcirc.loading import load
+    from jaxcirc.memory import parse_bytes
     from jaxcirc.patching import patch_sweep
     from jaxcirc.rundir import write_run
+    from jaxcirc.sharding import mesh_from_spec
 
     model = load(model_name)
     pairs, report = load_pairs(model, pairs_file, max_pairs)
-    result = patch_sweep(model, pairs, site, by, metric=metric, direction=direction, source=source)
+    result = patch_sweep(model, pairs, site, by, metric=metric, direction=direction, source=source,
+                         max_patches_per_chunk=chunk, mesh=mesh_from_spec(mesh),
+                         memory_budget_bytes=None if budget is None else parse_bytes(budget))
     title = f"{site} by {','.join(result.dims)} ({direction}, {source}): normalised {metric}"
     figures = {"patch_effect": heatmap(result.normalised, result.dims, title)}
     lines = [f"# Activation patching: {site} by {', '.join(result.dims)}", "",

@@ -1,6 +1,7 @@
 """The `jaxcirc` command line: inspect a model (`info`), its hook points (`hooks`), its next-token
 logits (`logits`).
 
+    jaxcirc info                # every supported model family (same as --families)
     jaxcirc info smollm2-135m
     jaxcirc hooks smollm2-135m --summary
     jaxcirc logits smollm2-135m --prompt "The capital of France is" --top-k 5 --json
@@ -108,7 +109,28 @@ def describe_positional(cfg) -> str:
         names = {"linear": ("factor",),
                  "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
         scaling = kind + " (" + ", ".join(f"{n}={v:g}" for n, v in zip(names.get(kind, ()), values)) + ")"
-    return f"rotary (theta {rope.theta:g}, rotary_dim {rope.rotary_dim}/{cfg.d_head}, scaling {scaling})"
+    pairs = ", interleaved pairs" if rope.interleaved else ""
+    return f"rotary (theta {rope.theta:g}, rotary_dim {rope.rotary_dim}/{cfg.d_head}{pairs}, scaling {scaling})"
+
+
+def describe_attention(cfg) -> str:
+    """Causal attention plus whatever narrows or reshapes it (windows, query scale, soft caps)."""
+    parts = ["causal"]
+    if cfg.layer_windows is not None and any(cfg.layer_windows):
+        by_window: dict[int, list[int]] = {}
+        for layer, window in enumerate(cfg.layer_windows):
+            if window:
+                by_window.setdefault(window, []).append(layer)
+        parts += [f"sliding window {w} on layers {', '.join(map(str, ls))}" for w, ls in by_window.items()]
+    if getattr(cfg, "attention_window", None) is not None:
+        parts.append(f"attention window {cfg.attention_window}")
+    if cfg.query_scale is not None:
+        parts.append(f"query scale {cfg.query_scale:.6g}")
+    if cfg.attn_softcap is not None:
+        parts.append(f"logit soft cap {cfg.attn_softcap:g}")
+    if cfg.final_softcap is not None:
+        parts.append(f"final logit soft cap {cfg.final_softcap:g}")
+    return ", ".join(parts)
 
 
 def model_info(model, name: str | None = None) -> dict[str, Any]:
@@ -127,6 +149,7 @@ def model_info(model, name: str | None = None) -> dict[str, Any]:
         "d_vocab": cfg.d_vocab,
         "n_ctx": cfg.n_ctx,
         "positional": describe_positional(cfg),
+        "attention": describe_attention(cfg),
         "norm": f"{cfg.norm} (eps {cfg.norm_eps:g})",
         "activation": cfg.activation + (" (gated)" if cfg.gated_mlp else ""),
         "parallel_residual": cfg.parallel_residual,
@@ -265,10 +288,39 @@ def logits_report(model, ids: Sequence[int], k: int, name: str | None = None,
 # ----------------------------------------------------------------------------- commands
 
 
+def _print_families(json_out: bool) -> None:
+    from jaxcirc.models.families import family_table
+
+    rows = family_table()
+    if json_out:
+        _print_json({"families": rows})
+        return
+    table = Table(title="jaxcirc model families (parity: max |Δ log-softmax| vs HF transformers, fp32)",
+                  title_justify="left", show_lines=True)
+    for column in ("family", "HF model_type", "architecture", "tests cover", "parity"):
+        table.add_column(column, overflow="fold")
+    for row in rows:
+        table.add_row(row["name"], ", ".join(row["model_types"]), escape(row["architecture"]),
+                      escape(row["tested"]), row["parity"])
+    _console().print(table)
+
+
 @app.command()
 @handle_errors
-def info(model: ModelArg, json_out: JsonOpt = False, dtype: DtypeOpt = "float32") -> None:
-    """Architecture, size and provenance of MODEL."""
+def info(model: Annotated[str | None, typer.Argument(
+             metavar="MODEL", help="Registry name, HF directory, .gguf file or jaxcirc checkpoint; "
+             "without it, the supported model families.", show_default=False)] = None,
+         families: Annotated[bool, typer.Option(
+             "--families", help="List every supported model family: HF model types, architecture, "
+             "what the tests cover and the parity figure.")] = False,
+         json_out: JsonOpt = False, dtype: DtypeOpt = "float32") -> None:
+    """Architecture, size and provenance of MODEL; without MODEL (or with --families), every
+    supported model family and what its tests cover."""
+    if model is not None and families:
+        raise UsageError("Give MODEL or --families, not both.")
+    if model is None:
+        _print_families(json_out)
+        return
     data = model_info(_load(model, dtype), model)
     if json_out:
         _print_json(data)
@@ -387,12 +439,16 @@ def patch(model: ModelArg, pairs: PairsOpt, out: OutOpt,
           direction: Annotated[str, typer.Option(help="denoising (patch clean into corrupted) or noising.")] = "denoising",
           source: Annotated[str, typer.Option(help="resample | zero | mean | pos_mean")] = "resample",
           max_pairs: Annotated[int | None, typer.Option(help="Use at most this many pairs.")] = None,
+          budget: Annotated[str | None, typer.Option(help="Memory per device for the vmapped patches, e.g. 2GiB (default: read from the device).")] = None,
+          chunk: Annotated[int | None, typer.Option(help="Patches per vmapped chunk (overrides --budget).")] = None,
+          mesh: Annotated[str | None, typer.Option(help="auto, DATA or DATAxMODEL (e.g. 4x2): shard pairs over data, weights over model.")] = None,
           overwrite: OverwriteOpt = False) -> None:
     """Exact activation patching sweep over minimal pairs (one compiled program)."""
     from jaxcirc.attribution_report import patch_command
 
     _done(patch_command(model, pairs, out, site=site, by=by, metric=metric, direction=direction,
-                        source=source, max_pairs=max_pairs, overwrite=overwrite))
+                        source=source, max_pairs=max_pairs, overwrite=overwrite, budget=budget, chunk=chunk,
+                        mesh=mesh))
 
 
 @app.command()
@@ -440,7 +496,7 @@ def compare(circuits: Annotated[list[str], typer.Argument(help="circuit.json fil
 
 @app.command()
 @handle_errors
-def train(config: Annotated[str, typer.Argument(help="TOML config, or a built-in name (role_suite).")],
+def train(config: Annotated[str, typer.Argument(help="TOML config, or a built-in name (role_suite, short_context).")],
           out: Annotated[str, typer.Option("--out", help="Output directory (an existing run resumes).")],
           model: Annotated[list[str] | None, typer.Option("--model", help="Only these models of a suite.")] = None,
           steps: Annotated[int | None, typer.Option(help="Override the number of training steps.")] = None,
@@ -467,6 +523,23 @@ def position(model: ModelArg, out: OutOpt,
 
     _done(position_command(model, out, n_texts=n_texts, seq_len=seq_len, seeds=tuple(seed or (0,)), sink=sink,
                            lm_infinite_len=lm_infinite_len, dtype=dtype, overwrite=overwrite))
+
+
+@app.command()
+@handle_errors
+def length(model: ModelArg, out: OutOpt,
+           trained_len: Annotated[int | None, typer.Option(help="Context the model was trained on (default n_ctx).")] = None,
+           eval_len: Annotated[int | None, typer.Option(help="Tokens per evaluation text (default 4 x trained length).")] = None,
+           n_texts: Annotated[int, typer.Option(help="Evaluation texts.")] = 4,
+           n_global: Annotated[int, typer.Option(help="LM-Infinite's global prefix.")] = 4,
+           text: Annotated[str, typer.Option(help="natural (shipped prose) | role (role-corpus paragraphs) | PATH.")] = "natural",
+           dtype: DtypeOpt = "float32", overwrite: OverwriteOpt = False) -> None:
+    """Length generalization: loss past the trained length with full attention, LM-Infinite's
+    Lambda mask, and LM-Infinite (mask + distance cap)."""
+    from jaxcirc.length_generalization import length_command
+
+    _done(length_command(model, out, trained_len=trained_len, eval_len=eval_len, n_texts=n_texts,
+                         n_global=n_global, text=text, dtype=dtype, overwrite=overwrite))
 
 
 @app.command()
@@ -502,6 +575,34 @@ def roles(model: Annotated[str, typer.Argument(metavar="MODEL_OR_SUITE", help="M
     _done(roles_command(model, out, suite_dir=suite, quick=not full, pairs_per_role=pairs_per_role,
                         roles=roles_.split(",") if roles_ else None, train_suite=train_suite, seed=seed,
                         overwrite=overwrite))
+
+
+@app.command()
+@handle_errors
+def sweep(sweep_file: Annotated[str, typer.Argument(metavar="SWEEP.toml", help="Grid of models, tasks, methods and options.")],
+          out: Annotated[str, typer.Option("--out", help="Sweep directory (an existing one resumes).")],
+          extend: Annotated[bool, typer.Option("--extend", help="Accept a grid that adds units to the one in --out.")] = False,
+          gather_only: Annotated[bool, typer.Option("--gather-only", help="Only rebuild results.csv and report.md.")] = False,
+          dry_run: Annotated[bool, typer.Option("--dry-run", help="Check the grid and count units; run nothing.")] = False) -> None:
+    """Run a grid of analyses as units; killed at any point and rerun, it redoes only unfinished units."""
+    from jaxcirc.sweep import gather_only as gather, run_sweep
+
+    console = _console()
+    if gather_only:
+        info = gather(out)
+        console.print(f"{out}: {info['done']} of {info['units']} units gathered into {info['rows']} rows; "
+                      f"wrote {', '.join(info['tables'])} and {info['report']}")
+        return
+    result = run_sweep(sweep_file, out, extend=extend, dry_run=dry_run)
+    if dry_run:
+        console.print(f"{sweep_file}: {result['units']} units, {result['done_before']} already done in {out}, "
+                      f"{result['new']} not yet recorded there")
+        return
+    console.print(f"{out}: {result['units']} units ({result['done_before']} done before, {result['run']} run now, "
+                  f"{len(result['failed'])} failed); wrote results.csv and report.md")
+    if result["failed"]:
+        raise ValueError(f"{len(result['failed'])} unit(s) failed (see {out}/failures.json); "
+                         "rerun the same command to retry them.")
 
 
 def main() -> None:  # pragma: no cover - `python -m jaxcirc.cli`

@@ -40,14 +40,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxcirc.attribution import (base_interventions, check_pairs, pair_chunks, resolve_metric,
-                                 stack_layers, with_add, zeros_for)
+from jaxcirc.attribution import (base_interventions, budget_batch_size, check_pairs, pair_chunks,
+                                 resolve_metric, stack_layers, with_add, zeros_for)
 from jaxcirc.graph import Graph
 from jaxcirc.hooks import Hooks, Intervention, replace
 from jaxcirc.metrics import Metric, metric_name
 from jaxcirc.models.config import ModelConfig
 from jaxcirc.models.transformer import make_forward
 from jaxcirc.pairs import MinimalPairs
+from jaxcirc.sharding import shard_along_batch, shard_params, to_host
 
 Array = jax.Array
 Endpoint = Literal["left", "right"]
@@ -215,7 +216,8 @@ def ig_alphas(steps: int, endpoint: Endpoint = "left") -> np.ndarray:
 def eap(cfg: ModelConfig, params: Any, pairs: MinimalPairs, *, metric: str | Metric = "logit_diff",
         method: Literal["eap", "eap-ig"] = "eap", steps: int = 5, endpoint: Endpoint = "left",
         batch_size: int | None = None, step_chunk: int | None = None,
-        hooks: Hooks | Mapping[str, Intervention] | None = None) -> EdgeScores:
+        hooks: Hooks | Mapping[str, Intervention] | None = None, mesh: Any = None,
+        memory_budget_bytes: int | None = None) -> EdgeScores:
     """Edge attribution scores [n_src, n_dst] (graph order of `jaxcirc.graph`), mean over pairs.
 
     method "eap": gradient at the clean run; "eap-ig": averaged over `steps` input-embedding
@@ -223,6 +225,10 @@ def eap(cfg: ModelConfig, params: Any, pairs: MinimalPairs, *, metric: str | Met
     estimates M(clean with the edge patched to corrupted) - M(clean). `batch_size` chunks the pairs
     (one compilation for all chunks); `step_chunk` bounds how many IG steps run at once (memory).
     `hooks`: interventions applied to every forward (per-pair arrays are chunked with the pairs).
+    `mesh` (`jaxcirc.sharding.make_mesh`): each chunk's pairs over `data` (the chunk size must
+    divide it), large weights over `model`; the scores equal the unsharded ones.
+    `memory_budget_bytes` (per device; only without `batch_size`): the pairs per chunk that fit it
+    with `step_chunk` steps at once, or MemoryBudgetError when one pair does not fit.
     """
     check_pairs(cfg, pairs)
     if method not in ("eap", "eap-ig"):
@@ -241,7 +247,14 @@ def eap(cfg: ModelConfig, params: Any, pairs: MinimalPairs, *, metric: str | Met
 
     n = int(pairs.clean.shape[0])
     total = None
+    if mesh is not None:
+        params, pairs = shard_params(params, mesh, cfg), to_host(pairs)  # chunks are cut on the host
+    if batch_size is None and memory_budget_bytes is not None:
+        batch_size = budget_batch_size(cfg, params, pairs, memory_budget_bytes, mesh,
+                                       copies=min(static["step_chunk"], steps))
     for chunk, weight, _, chunk_base in pair_chunks(pairs, batch_size, base):
+        if mesh is not None:
+            chunk, weight, chunk_base = shard_along_batch((chunk, weight, chunk_base), mesh, len(weight))
         part = eap_chunk(params, chunk, weight, chunk_base, alphas, **static)
         total = part if total is None else total + part
     scores = jnp.where(jnp.asarray(graph.valid), total / n, 0.0)

@@ -30,6 +30,17 @@ from jaxcirc.models.config import ModelConfig
 Array = jax.Array
 
 
+def check_edge_decomposable(cfg: ModelConfig) -> None:
+    """Raise unless the residual stream is the sum of the node outputs (heads' hook_result, MLPs'
+    hook_mlp_out): Gemma 2's norm on the attention output mixes the heads non-linearly."""
+    if cfg.post_norms:
+        raise ValueError(
+            f"Edge-level patching and EAP need each head's output to enter the residual stream as is; "
+            f"{cfg.family} normalises the attention and MLP outputs first (post-norms), so head outputs "
+            "do not add up to hook_attn_out. Use node-level patching or attribution (hook_z, "
+            "hook_attn_out, hook_mlp_out) on this model.")
+
+
 @dataclasses.dataclass(frozen=True)
 class EdgeLayout:
     """Static map from model components to source rows and destination columns.
@@ -52,6 +63,7 @@ class EdgeLayout:
 
     @classmethod
     def canonical(cls, cfg: ModelConfig) -> "EdgeLayout":
+        check_edge_decomposable(cfg)
         L, H, K = cfg.n_layers, cfg.n_heads, cfg.n_kv_heads
         head_src = tuple(tuple(1 + l * (H + 1) + h for h in range(H)) for l in range(L))
         mlp_src = tuple(1 + l * (H + 1) + H for l in range(L))

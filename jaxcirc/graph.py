@@ -42,6 +42,7 @@ import dataclasses
 
 import numpy as np
 
+from jaxcirc.edge_patch import check_edge_decomposable
 from jaxcirc.models.config import ModelConfig
 
 NODE_KINDS: tuple[str, ...] = ("input", "head", "mlp")
@@ -83,6 +84,7 @@ class Graph:
 
     @classmethod
     def from_config(cls, cfg: ModelConfig) -> "Graph":
+        check_edge_decomposable(cfg)
         L, H, K = cfg.n_layers, cfg.n_heads, cfg.n_kv_heads
         kv = "kv" if K < H else "h"
         node_names, node_layer, node_kind, node_head = ["input"], [-1], [0], [-1]

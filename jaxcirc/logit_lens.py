@@ -33,6 +33,7 @@ import numpy as np
 from jaxcirc.hooks import Hooks, as_hooks
 from jaxcirc.models.config import ModelConfig
 from jaxcirc.models.transformer import bind
+from jaxcirc.sharding import DATA, shard_along_batch, shard_params, to_host
 
 Array = jax.Array
 SITES = ("resid_pre", "pre_ffn", "resid_post")
@@ -204,13 +205,16 @@ def _encode_rows(model: Any, prompts: Sequence[str] | Sequence[Sequence[int]]) -
     return [list(map(int, r)) for r in prompts]
 
 
-def chunk_indices(n: int, pos: int, chunk_tokens: int = 2048, fixed: bool = False) -> list[np.ndarray]:
+def chunk_indices(n: int, pos: int, chunk_tokens: int = 2048, fixed: bool = False,
+                  multiple: int = 1) -> list[np.ndarray]:
     """Example indices per chunk of about `chunk_tokens` tokens. Every chunk has the same size
     (the last is padded by repeating its first example), so one compilation serves them all;
     `fixed` keeps that size even when n is smaller, so differently sized batches of the same
-    length share the compilation too."""
+    length share the compilation too. `multiple`: the chunk size is rounded up to a multiple of
+    it (the data-axis size of a mesh, so each chunk splits evenly over the devices)."""
     size = max(1, chunk_tokens // pos)
     size = size if fixed else min(n, size)
+    size = -(-size // multiple) * multiple
     chunks = []
     for start in range(0, n, size):
         idx = np.arange(start, start + size)
@@ -250,13 +254,15 @@ def check_token_ids(token_ids: Any, n: int, d_vocab: int) -> np.ndarray:
 def logit_lens(model: Any, prompts: Sequence[str] | Sequence[Sequence[int]], token_ids: Any, *,
                sites: Sequence[str] = ("pre_ffn", "resid_post"), top_k: int = 5, hooks: HooksArg = None,
                gather: Sequence[str] = (), params: dict | None = None, pad_id: int = 0,
-               pad_multiple: int = 16, chunk_tokens: int = 2048) -> LensResult:
+               pad_multiple: int = 16, chunk_tokens: int = 2048, mesh: Any = None) -> LensResult:
     """The logit lens of `prompts` (texts or token rows) at each prompt's last token.
 
     token_ids: [batch, n] (or [batch]) tokens whose rank/rr/prob to track per layer.
     hooks: interventions applied during the pass: a `Hooks` that broadcasts over the batch, or
     `hooks(indices, pos) -> Hooks` for the chunk holding examples `indices` padded to `pos`.
     Prompts run in chunks of about `chunk_tokens` tokens, all of one shape (one compilation).
+    mesh (`jaxcirc.sharding.make_mesh`): each chunk over `data` (its size is rounded up to a
+    multiple of it; the padding repeats are dropped), large weights over `model`.
     """
     cfg = model.config
     params = model.params if params is None else params
@@ -270,10 +276,16 @@ def logit_lens(model: Any, prompts: Sequence[str] | Sequence[Sequence[int]], tok
         raise ValueError(f"Longest prompt has {int(read_pos.max()) + 1} tokens; the model's context is {cfg.n_ctx}.")
     pos = tokens.shape[1]
     pieces = []
-    for idx in chunk_indices(len(rows), pos, chunk_tokens):
+    data = 1 if mesh is None else dict(mesh.shape).get(DATA, 1)
+    if mesh is not None:
+        params = shard_params(params, mesh, cfg)
+    for idx in chunk_indices(len(rows), pos, chunk_tokens, multiple=data):
         chunk_hooks = hooks(idx, pos) if callable(hooks) else hooks
-        pieces.append(lens_program(params, jnp.asarray(tokens[idx]), jnp.asarray(read_pos[idx]), jnp.asarray(ids[idx]),
-                                   chunk_hooks, cfg=cfg, sites=sites, top_k=top_k, gather=tuple(gather)))
+        inputs = (jnp.asarray(tokens[idx]), jnp.asarray(read_pos[idx]), jnp.asarray(ids[idx]), chunk_hooks)
+        if mesh is not None:
+            inputs = shard_along_batch(inputs, mesh, len(idx))
+        pieces.append(to_host(lens_program(params, *inputs, cfg=cfg, sites=sites, top_k=top_k,
+                                           gather=tuple(gather))))
     return result_from_arrays(collect_chunks(pieces, len(rows), lens_batch_axis), sites, ids, read_pos)
 
 

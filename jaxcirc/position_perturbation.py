@@ -2,7 +2,7 @@
 
     perm, moved = shuffle_permutation(256, 0.05, np.random.default_rng(0))   # 5 % of tokens moved
     curve = perturbation_curve(model, tokens, fractions=(0, .01, .02, .05, .1, .2))
-    logits, _ = lm_infinite_forward(model, tokens, LambdaAttention(n_global=4, n_local=64, max_distance=64))
+    windowed = with_attention_window(model, AttentionWindow(n_global=4, n_local=64, max_distance=64))
 
 Three perturbations ("modes"): "tokens" feeds the tokens in a permuted order (x'[t] = x[perm[t]])
 where the moved tokens pass around one random cycle (so they travel far); "adjacent" moves the same
@@ -15,15 +15,10 @@ target token was not moved; their loss is compared with the clean run's loss on 
 so the curve measures how much corrupting the context hurts predictions that are otherwise the
 same task.
 
-LM-Infinite (Han et al. 2023): each query sees a global prefix of `n_global` tokens plus a local
-window of the `n_local` most recent tokens (a Lambda-shaped mask), and relative distances beyond
-`max_distance` (the trained length) are treated as `max_distance`. The mask is exactly a
-replacement of `attn.hook_attn_scores`. The distance cap is not a per-layer constant: the capped
-logit q_i^T R_cap k_j needs that layer's own q and k, which depend on the earlier layers' capped
-attention. `lm_infinite_forward` therefore runs the model once per layer, each pass computing one
-more layer's capped logits from the cached pre-RoPE q/k and replacing them; the result is exact,
-costs n_layers + 1 forward passes, and compiles once (the interventions keep their structure).
-A native option in the core attention would do it in one pass (see the report of issue 8).
+LM-Infinite (Han et al. 2023) is a model option (`jaxcirc.models.config.AttentionWindow`, computed
+inside the attention of every layer in one pass): each query sees a global prefix of `n_global`
+tokens plus a local window of its `n_local` most recent tokens, and relative distances beyond
+`max_distance` (the trained length) are treated as `max_distance`.
 """
 
 from __future__ import annotations
@@ -36,8 +31,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxcirc.attention_logits import MASKED, expand_kv, rotate
-from jaxcirc.hooks import Hooks, replace
+from jaxcirc.hooks import Hooks
+from jaxcirc.models.config import AttentionWindow
+from jaxcirc.models.transformer import make_forward
 
 Array = jax.Array
 MODES = ("tokens", "adjacent", "position_ids")
@@ -200,83 +196,18 @@ def perturbation_curve(model, tokens: Array, fractions: Sequence[float] = (0.0, 
 # ----------------------------------------------------------------------------- LM-Infinite
 
 
-@dataclasses.dataclass(frozen=True)
-class LambdaAttention:
-    """LM-Infinite's attention: every query sees the first `n_global` tokens and its `n_local`
-    most recent tokens (itself included), with relative distances above `max_distance` (the
-    trained length) evaluated at `max_distance`. The paper's Llama-2 setting: n_global=100,
-    n_local=4096, max_distance=4096."""
+def with_attention_window(model, window: AttentionWindow | None):
+    """`model` with LM-Infinite attention in every layer (None: plain causal attention).
 
-    n_global: int
-    n_local: int
-    max_distance: int
-
-    def __post_init__(self):
-        if self.n_global < 0 or self.n_local < 1 or self.max_distance < 0:
-            raise ValueError(f"Need n_global >= 0, n_local >= 1, max_distance >= 0; got {self}.")
+    The window is part of the config, so the returned model has its own compiled forward: build
+    it once and reuse it across texts."""
+    cfg = model.config.replace(attention_window=window)
+    return dataclasses.replace(model, config=cfg, forward=make_forward(cfg))
 
 
-def lambda_mask(n: int, spec: LambdaAttention) -> np.ndarray:
-    """[n, n] bool: which key j each query i may attend to (causal, global prefix or local window)."""
-    i, j = np.arange(n)[:, None], np.arange(n)[None, :]
-    return (j <= i) & ((i - j < spec.n_local) | (j < spec.n_global))
-
-
-def _capped_scores(q: Array, k: Array, cap: int, cfg) -> Array:
-    """q_i^T R_cap k_j / sqrt(d_head) from pre-RoPE q [b, n, head, d], k [b, n, kv, d] -> [b, head, n, n]."""
-    rq = rotate(q, jnp.asarray(cap), cfg)
-    kk = expand_kv(k.astype(jnp.float32), cfg.n_heads)
-    return jnp.einsum("bqhd,bkhd->bhqk", rq, kk) / np.sqrt(cfg.d_head)
-
-
-def lm_infinite_forward(model, tokens: Array, spec: LambdaAttention, *, params: dict | None = None,
-                        position_ids: Array | None = None, logits_at: Array | None = None,
-                        cache: Sequence[str] = ()) -> tuple[Array, dict[str, Array]]:
-    """The model's forward with LM-Infinite attention (see the module docstring): (logits, cache).
-
-    tokens [batch, n]; `position_ids` [batch, n] default 0..n-1 (distances are differences of
-    position ids). Exact; n_layers + 1 passes when some allowed distance exceeds max_distance,
-    one pass otherwise."""
-    cfg = model.config
-    if cfg.positional != "rotary":
-        raise ValueError("LM-Infinite's distance cap applies to rotary models only.")
-    params = model.params if params is None else params
-    tokens = jnp.asarray(tokens, jnp.int32)
-    batch, n = tokens.shape
-    if position_ids is None:
-        position_ids = np.broadcast_to(np.arange(n), (batch, n))
-    position_ids = np.asarray(position_ids)
-    allowed = lambda_mask(n, spec)[None]  # [1, n, n]
-    distance = position_ids[:, :, None] - position_ids[:, None, :]
-    needs_cap = allowed & (distance > spec.max_distance)  # [batch, n, n]
-    blocked = jnp.asarray(~allowed[:, None])  # [1, 1, n, n]
-    names = [f"blocks.{l}.attn.hook_attn_scores" for l in range(cfg.n_layers)]
-    forward_options = dict(position_ids=jnp.asarray(position_ids, jnp.int32))
-    if not needs_cap.any():
-        hooks = Hooks({name: replace(jnp.float32(MASKED), blocked) for name in names}, cache=tuple(cache))
-        return model.forward(params, tokens, hooks, logits_at=logits_at, **forward_options)
-    mask = jnp.asarray(~allowed[:, None] | needs_cap[:, None])  # [batch, 1, n, n]
-    values = [jnp.full((batch, cfg.n_heads, n, n), MASKED, jnp.float32) for _ in names]
-    qk_cache = ("blocks.*.attn.hook_q", "blocks.*.attn.hook_k")
-    first = jnp.zeros(batch, jnp.int32)
-    for layer in range(cfg.n_layers):
-        # Layers below `layer` already hold their exact capped logits, so this pass's q/k at
-        # `layer` are exact too.
-        hooks = Hooks({name: replace(v, mask) for name, v in zip(names, values)}, cache=qk_cache)
-        _, qk = model.forward(params, tokens, hooks, logits_at=first, **forward_options)
-        capped = _capped_scores(qk[f"blocks.{layer}.attn.hook_q"], qk[f"blocks.{layer}.attn.hook_k"],
-                                spec.max_distance, cfg)
-        values[layer] = jnp.where(blocked, MASKED, capped)
-    hooks = Hooks({name: replace(v, mask) for name, v in zip(names, values)}, cache=tuple(cache))
-    return model.forward(params, tokens, hooks, logits_at=logits_at, **forward_options)
-
-
-def lm_infinite_nll(model, tokens: Array, spec: LambdaAttention | None, *, params: dict | None = None
-                    ) -> tuple[np.ndarray, np.ndarray]:
-    """Next-token (nll, correct) [batch, n-1] with LM-Infinite attention (None: the plain model)."""
-    tokens = jnp.asarray(tokens, jnp.int32)
-    if spec is None:
-        return token_nll(model, tokens, params=params, batch_size=tokens.shape[0])
-    logits, _ = lm_infinite_forward(model, tokens, spec, params=params)
-    nll, hit = _nll_from_logits(logits, tokens)
-    return np.asarray(nll), np.asarray(hit)
+def windowed_nll(model, tokens: Array, window: AttentionWindow | None, *, batch_size: int = 1
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """Next-token (nll, correct) [batch, n-1] of `tokens` [batch, n] with LM-Infinite attention
+    (None: the plain model). n may exceed the model's context: RoPE models run at any length."""
+    windowed = with_attention_window(model, window)
+    return token_nll(windowed, jnp.asarray(tokens, jnp.int32), batch_size=batch_size)

@@ -32,7 +32,8 @@ from jaxcirc.attention_logits import cache_qk, dummy_distance_logits, expand_kv,
 from jaxcirc.models.config import ModelConfig
 from jaxcirc.models.transformer import init_params
 from jaxcirc.position_decomposition import _decompose, decomposition_terms, Decomposition, summarize, two_axis_fit
-from jaxcirc.position_perturbation import LambdaAttention, lm_infinite_nll, perturbation_curve
+from jaxcirc.models.config import AttentionWindow
+from jaxcirc.position_perturbation import perturbation_curve, windowed_nll
 from jaxcirc.qk_features import band_summary, frequency_stats
 
 Array = jax.Array
@@ -188,8 +189,8 @@ def position_command(model: str | Any, out_dir: str | Path, *, n_texts: int = 4,
     n_texts x seq_len tokens of the shipped text are analysed for the trained model; each random
     initialisation in `inits` is analysed once per seed in `seeds` on the first `random_texts`
     texts (default all: the compiled programs are then shared); perturbation curves use `perturb_texts` texts and one permutation per (fraction, seed);
-    LM-Infinite is evaluated on one text of `lm_infinite_len` tokens (0 skips it: it costs
-    n_layers + 1 forward passes).
+    LM-Infinite is evaluated on one text of `lm_infinite_len` tokens (0 skips it); evaluation
+    beyond the trained length is `jaxcirc length` (`jaxcirc.length_generalization`).
     """
     from jaxcirc.progress import progress
 
@@ -288,10 +289,10 @@ def lm_infinite_check(model, tokens: np.ndarray, length: int) -> dict[str, Any]:
         raise ValueError(f"lm_infinite_len={length} is too short for a window and a prefix; use at least 16 (0 skips).")
     text = flat[:length][None]
     window = length // 4
-    specs = {"full": None, "lambda_mask": LambdaAttention(4, window, length), "lm_infinite": LambdaAttention(4, window, window)}
+    specs = {"full": None, "lambda_mask": AttentionWindow(4, window), "lm_infinite": AttentionWindow(4, window, window)}
     out: dict[str, Any] = {"length": length, "n_global": 4, "n_local": window, "max_distance": window}
     for name, spec in specs.items():
-        nll, _ = lm_infinite_nll(model, text, spec)
+        nll, _ = windowed_nll(model, text, spec)
         out[f"nll_{name}"] = nll[0]
         out[f"ppl_{name}"] = float(np.exp(nll[0, window:].mean()))
     return out
@@ -613,7 +614,7 @@ def render_report(source: str, config: dict, summary: dict, curve, lm_inf, verdi
                   f"One text of {lm_inf['length']} tokens; global prefix {lm_inf['n_global']}, local window "
                   f"{lm_inf['n_local']}, distance cap {lm_inf['max_distance']}; perplexity over the positions past the "
                   f"window: full {lm_inf['ppl_full']:.3f}, Lambda mask {lm_inf['ppl_lambda_mask']:.3f}, "
-                  f"LM-Infinite {lm_inf['ppl_lm_infinite']:.3f}. Evaluating beyond the trained context is not run here.", ""]
+                  f"LM-Infinite {lm_inf['ppl_lm_infinite']:.3f}. Evaluation beyond the trained context: `jaxcirc length`.", ""]
     lines += ["## Example heads", ""]
     lines += [f"- {name}: layer {l}, head {h}" for name, (l, h) in examples.items()]
     lines += ["", "## Figures", ""] + [f"![{f}](figures/{f}.png)" for f in figures]

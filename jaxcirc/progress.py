@@ -11,11 +11,15 @@ T = TypeVar("T")
 
 
 def progress(items: Iterable[T], description: str, total: int | None = None,
-             stream=None) -> Iterator[T]:
-    """Yield `items`, showing done / left / rate. Plain lines (about every 10%) when not a TTY."""
+             stream=None, done_before: int = 0) -> Iterator[T]:
+    """Yield `items`, showing done / left / rate / ETA. Plain lines (about every 10%) when not a TTY.
+
+    done_before: items already done in an earlier (resumed) run; counted in done and in `total`
+    (when `total` is inferred from `len(items)`), but not in the rate.
+    """
     stream = stream or sys.stderr
     if total is None and hasattr(items, "__len__"):
-        total = len(items)  # type: ignore[arg-type]
+        total = len(items) + done_before  # type: ignore[arg-type]
     if stream.isatty():
         from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
                                    TimeElapsedColumn, TimeRemainingColumn)
@@ -23,17 +27,19 @@ def progress(items: Iterable[T], description: str, total: int | None = None,
         columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                    TimeElapsedColumn(), TimeRemainingColumn())
         with Progress(*columns, transient=False) as bar:
-            task = bar.add_task(description, total=total)
+            task = bar.add_task(description, total=total, completed=done_before)
             for item in items:
                 yield item
                 bar.advance(task)
         return
-    start, done, step = time.perf_counter(), 0, max(1, (total or 10) // 10)
+    start, done, step = time.perf_counter(), done_before, max(1, (total or 10) // 10)
     for item in items:
         yield item
         done += 1
         if done % step == 0 or done == total:
             elapsed = time.perf_counter() - start
+            rate = (done - done_before) / max(elapsed, 1e-9)
             left = f", {total - done} left" if total else ""
+            eta = f", ETA {(total - done) / rate:.0f}s" if total and rate > 0 else ""
             print(f"{description}: {done}{'/' + str(total) if total else ''} done{left} "
-                  f"({done / max(elapsed, 1e-9):.2f}/s)", file=stream, flush=True)
+                  f"({rate:.2f}/s{eta})", file=stream, flush=True)

@@ -41,13 +41,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxcirc import checkpoint
 from jaxcirc.checkpoints import checkpoint_steps, checkpoints
 from jaxcirc.model import Model
 from jaxcirc.models.config import ModelConfig, RopeConfig
 from jaxcirc.models.transformer import make_forward, param_shapes
+from jaxcirc.sharding import make_mesh
 from jaxcirc.tokenizer import Tokenizer
 
 Array = jax.Array
@@ -57,7 +58,7 @@ Texts = Sequence[str] | Callable[[], Iterable[str]]
 __all__ = ["TrainConfig", "Trainer", "TrainResult", "model_config", "load_config", "train_command", "training_init",
            "lr_schedule", "make_optimizer", "BUILTIN_CONFIGS"]
 
-BUILTIN_CONFIGS = {"role_suite": Path(__file__).parent / "suites" / "role_suite.toml"}
+BUILTIN_CONFIGS = {name: Path(__file__).parent / "suites" / f"{name}.toml" for name in ("role_suite", "short_context")}
 TRAIN_STATE = "train_state"
 STATE_FILE = "state.json"
 
@@ -321,7 +322,8 @@ def _resolve(path: str, base_dir: Path | None) -> Path:
 def corpus_from_config(corpus: Mapping[str, Any], base_dir: Path | None = None) -> tuple[Texts, Tokenizer, Any]:
     """(texts, tokenizer, role corpus or None) for a `[corpus]` table.
 
-    kind = "role": the built-in semantic-role corpus (n_sentences, seed).
+    kind = "role": the built-in semantic-role corpus (n_sentences, seed; sentences_per_text > 1
+    runs that many sentences together into one text, for models that should use a longer context).
     kind = "file": `path` (one text per line, relative to the config file), `tokenizer` = "word"
     (word-level over the corpus's words) or a tokenizer.json / HF directory path.
     """
@@ -330,11 +332,15 @@ def corpus_from_config(corpus: Mapping[str, Any], base_dir: Path | None = None) 
     corpus = dict(corpus)
     kind = corpus.pop("kind", "role")
     if kind == "role":
-        extra = sorted(set(corpus) - {"n_sentences", "seed"})
+        extra = sorted(set(corpus) - {"n_sentences", "seed", "sentences_per_text"})
         if extra:
-            raise ValueError(f"Unknown [corpus] keys {extra} for kind='role'; use n_sentences, seed.")
+            raise ValueError(f"Unknown [corpus] keys {extra} for kind='role'; use n_sentences, seed, sentences_per_text.")
+        per_text = int(corpus.get("sentences_per_text", 1))
+        if per_text < 1:
+            raise ValueError(f"[corpus] sentences_per_text must be >= 1, got {per_text}.")
         roles = role_corpus.RoleCorpus()
         texts = roles.sentences(int(corpus.get("n_sentences", 20000)), seed=int(corpus.get("seed", 0)))
+        texts = [" ".join(texts[i:i + per_text]) for i in range(0, len(texts), per_text)]
         return texts, roles.tokenizer(), roles
     if kind == "file":
         if "path" not in corpus:
@@ -431,7 +437,7 @@ class Trainer:
         if config.batch_size % len(devices):
             raise ValueError(f"batch_size={config.batch_size} is not divisible by the {len(devices)} devices; "
                              f"use a multiple of {len(devices)} (the batch is split over a 'data' mesh axis).")
-        self.mesh = Mesh(np.asarray(devices), ("data",))
+        self.mesh = make_mesh(devices=devices)  # all devices on `data`, model axis of 1
         self.replicated = NamedSharding(self.mesh, PartitionSpec())
         self.sharded = NamedSharding(self.mesh, PartitionSpec("data"))
         self.schedule = lr_schedule(config)

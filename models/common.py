@@ -35,7 +35,7 @@ def _no_hook(name: str, x: Array) -> Array:
 
 
 def activation(name: str, x: Array) -> Array:
-    if name in ("gelu_new", "gelu_fast"):
+    if name in ("gelu_new", "gelu_fast", "gelu_pytorch_tanh"):
         return jax.nn.gelu(x, approximate=True)
     if name == "gelu":
         return jax.nn.gelu(x, approximate=False)
@@ -43,15 +43,19 @@ def activation(name: str, x: Array) -> Array:
         return jax.nn.silu(x)
     if name == "relu":
         return jax.nn.relu(x)
-    raise ValueError(f"Unsupported activation {name!r}; supported: gelu_new, gelu_fast, gelu, silu, relu.")
+    raise ValueError(f"Unsupported activation {name!r}; supported: gelu_new, gelu_fast, "
+                     "gelu_pytorch_tanh, gelu, silu, relu.")
 
 
 class Norm(nnx.Module):
-    """LayerNorm or RMSNorm, computed in float32. Hooks: `{prefix}.hook_scale`, `.hook_normalized`."""
+    """LayerNorm or RMSNorm, computed in float32. Hooks: `{prefix}.hook_scale`, `.hook_normalized`.
+
+    The scale is `cfg.norm_offset + w` (Gemma's RMSNorm stores w with scale 1 + w)."""
 
     def __init__(self, cfg: ModelConfig):
         self.kind = cfg.norm
         self.eps = cfg.norm_eps
+        self.offset = cfg.norm_offset
         self.w = _ones((cfg.d_model,), cfg)
         self.b = _zeros((cfg.d_model,), cfg) if cfg.norm == "layernorm" else None
 
@@ -62,7 +66,9 @@ class Norm(nnx.Module):
         if self.kind == "layernorm":
             x = x - x.mean(-1, keepdims=True)
         scale = hook(f"{prefix}.hook_scale", jnp.sqrt((x * x).mean(-1, keepdims=True) + self.eps))
-        out = x / scale * self.w[...].astype(jnp.float32)
+        w = self.w[...].astype(jnp.float32)
+        # The offset is added in float32, as HF's Gemma does: a bf16 (1 + w) would lose w's low bits.
+        out = x / scale * (w if self.offset == 0 else self.offset + w)
         if self.b is not None:
             out = out + self.b[...].astype(jnp.float32)
         return hook(f"{prefix}.hook_normalized", out.astype(dtype))
@@ -91,24 +97,71 @@ def rope_inverse_frequencies(rope: RopeConfig) -> np.ndarray:
 
 
 def rope_tables(rope: RopeConfig, position_ids: Array) -> tuple[Array, Array]:
-    """cos, sin of shape [batch, pos, rotary_dim] for integer `position_ids` [batch, pos]."""
+    """cos, sin of shape [batch, pos, rotary_dim] for integer `position_ids` [batch, pos]; the
+    frequencies are laid out as the pairs `apply_rope` rotates (halves, or interleaved)."""
     freqs = position_ids.astype(jnp.float32)[..., None] * jnp.asarray(rope_inverse_frequencies(rope))
-    angles = jnp.concatenate([freqs, freqs], axis=-1)
+    if rope.interleaved:
+        angles = jnp.repeat(freqs, 2, axis=-1)
+    else:
+        angles = jnp.concatenate([freqs, freqs], axis=-1)
     return jnp.cos(angles), jnp.sin(angles)
 
 
-def apply_rope(x: Array, cos: Array, sin: Array) -> Array:
-    """Rotate the first rotary_dim dims of x [batch, pos, head, d_head] (rotate-half convention)."""
+def apply_rope(x: Array, cos: Array, sin: Array, interleaved: bool = False) -> Array:
+    """Rotate the first rotary_dim dims of x [batch, pos, head, d_head]: pairs (i, i + rotary_dim/2)
+    (HF's rotate-half) or, `interleaved`, pairs (2i, 2i + 1) (GPT-J's rotate-every-two)."""
     rot = cos.shape[-1]
     x_rot, x_pass = x[..., :rot], x[..., rot:]
-    half = rot // 2
-    rotated = jnp.concatenate([-x_rot[..., half:], x_rot[..., :half]], axis=-1)
+    if interleaved:
+        rotated = jnp.stack([-x_rot[..., 1::2], x_rot[..., 0::2]], axis=-1).reshape(x_rot.shape)
+    else:
+        half = rot // 2
+        rotated = jnp.concatenate([-x_rot[..., half:], x_rot[..., :half]], axis=-1)
     cos, sin = cos[:, :, None, :].astype(x.dtype), sin[:, :, None, :].astype(x.dtype)
     return jnp.concatenate([x_rot * cos + rotated * sin, x_pass], axis=-1)
 
 
+def attention_mask(cfg: ModelConfig, pos: int, local_window: Array | None = None) -> Array:
+    """[pos, pos] bool: may query i attend to key j. Causal, narrowed by `cfg.attention_window`
+    (global prefix + local window) and by a layer's sliding `local_window` (0 = unlimited)."""
+    i = jnp.arange(pos)[:, None]
+    j = jnp.arange(pos)[None, :]
+    allowed = j <= i
+    window = cfg.attention_window
+    if window is not None:
+        allowed &= (i - j < window.n_local) | (j < window.n_global)
+    if local_window is not None:
+        allowed &= (i - j < local_window) | (local_window <= 0)
+    return allowed
+
+
+def alibi_slopes(n_heads: int) -> np.ndarray:
+    """[head] float32 ALiBi slopes (Press et al. 2022): 2^(-8 i / n) for i = 1..n when n is a power
+    of two; otherwise those of the largest power of two below n, then every other slope of twice
+    that many heads (as BLOOM computes them)."""
+    n = 2 ** int(np.floor(np.log2(n_heads)))
+    base = np.float32(2.0 ** (-(2.0 ** -(np.log2(n) - 3))))
+    slopes = np.power(base, np.arange(1, n + 1, dtype=np.float32))
+    if n < n_heads:
+        extra_base = np.float32(2.0 ** (-(2.0 ** -(np.log2(2 * n) - 3))))
+        extra = np.power(extra_base, np.arange(1, 1 + 2 * (n_heads - n), 2, dtype=np.float32))
+        slopes = np.concatenate([slopes, extra])
+    return slopes.astype(np.float32)
+
+
+def alibi_bias(n_heads: int, position_ids: Array) -> Array:
+    """[batch, head, q_pos, k_pos] float32 bias slope_h * (pos_k - pos_q) for `position_ids`
+    [batch, pos]. BLOOM adds slope_h * pos_k instead, which differs by a constant per query row,
+    so the softmax (the pattern) is the same; the relative form keeps scores independent of where
+    the sequence starts."""
+    pos = position_ids.astype(jnp.float32)
+    distance = pos[:, None, None, :] - pos[:, None, :, None]
+    return jnp.asarray(alibi_slopes(n_heads))[None, :, None, None] * distance
+
+
 class Attention(nnx.Module):
-    """Causal multi-head attention with grouped-query key/value heads and optional rotary."""
+    """Causal multi-head attention with grouped-query key/value heads and optional rotary or
+    ALiBi position information, optional logit soft-capping (Gemma 2)."""
 
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         d, h, kv, dh = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.d_head
@@ -129,24 +182,53 @@ class Attention(nnx.Module):
         out = jnp.einsum(spec, x, w)
         return out if b is None else out + b
 
+    def _scores(self, q: Array, k: Array) -> Array:
+        """q [batch, q_pos, head, d_head], k [batch, k_pos, kv_head, d_head] -> float32 scaled logits
+        [batch, head, q_pos, k_pos]."""
+        cfg = self.cfg
+        batch, n_q = q.shape[:2]
+        # Query head n*g + i reads kv head n (HF's repeat_kv order).
+        qg = q.reshape(batch, n_q, cfg.n_kv_heads, cfg.group_size, cfg.d_head)
+        scores = jnp.einsum("bqngd,bknd->bngqk", qg.astype(jnp.float32), k.astype(jnp.float32))
+        scores = scores.reshape(batch, cfg.n_heads, n_q, k.shape[1])
+        scores = scores / np.sqrt(cfg.d_head) if cfg.query_scale is None else scores * np.float32(cfg.query_scale)
+        if cfg.attn_softcap is not None:  # Gemma 2: cap * tanh(s / cap)
+            scores = cfg.attn_softcap * jnp.tanh(scores / cfg.attn_softcap)
+        return scores
+
     def __call__(self, q_in: Array, k_in: Array, v_in: Array, hook=_no_hook,
-                 rope: tuple[Array, Array] | None = None) -> Array:
-        """Inputs [batch, pos, d_model] (or per head [batch, pos, head, d_model]) -> [batch, pos, d_model]."""
+                 rope: tuple[Array, Array] | None = None, position_ids: Array | None = None,
+                 local_window: Array | None = None) -> Array:
+        """Inputs [batch, pos, d_model] (or per head [batch, pos, head, d_model]) -> [batch, pos, d_model].
+
+        `position_ids` [batch, pos] are needed only for a distance cap (`cfg.attention_window`) and
+        ALiBi (default 0..pos-1); `local_window` is this layer's sliding window (int scalar, 0 = full
+        attention). hook_attn_scores are the logits the softmax sees: scaled, soft-capped, plus
+        ALiBi's slope_h * (pos_k - pos_q), masked entries at float32 min."""
         cfg = self.cfg
         q = hook("attn.hook_q", self._project(q_in, self.W_Q[...], None if self.b_Q is None else self.b_Q[...]))
         k = hook("attn.hook_k", self._project(k_in, self.W_K[...], None if self.b_K is None else self.b_K[...]))
         v = hook("attn.hook_v", self._project(v_in, self.W_V[...], None if self.b_V is None else self.b_V[...]))
+        q_pre, k_pre = q, k
         if rope is not None:
-            q = hook("attn.hook_rot_q", apply_rope(q, *rope))
-            k = hook("attn.hook_rot_k", apply_rope(k, *rope))
+            q = hook("attn.hook_rot_q", apply_rope(q, *rope, interleaved=cfg.rope.interleaved))
+            k = hook("attn.hook_rot_k", apply_rope(k, *rope, interleaved=cfg.rope.interleaved))
         batch, pos = q.shape[:2]
         g = cfg.group_size
-        # Query head n*g + i reads kv head n (HF's repeat_kv order).
-        qg = q.reshape(batch, pos, cfg.n_kv_heads, g, cfg.d_head)
-        scores = jnp.einsum("bqngd,bknd->bngqk", qg.astype(jnp.float32), k.astype(jnp.float32))
-        scores = scores.reshape(batch, cfg.n_heads, pos, pos) / np.sqrt(cfg.d_head)
-        causal = jnp.tril(jnp.ones((pos, pos), bool))
-        scores = jnp.where(causal, scores, jnp.finfo(jnp.float32).min)
+        scores = self._scores(q, k)
+        allowed = attention_mask(cfg, pos, local_window)
+        window = cfg.attention_window
+        if window is not None and window.max_distance is not None:
+            # Rotary logits depend on the distance only: q rotated by the cap against an unrotated
+            # k is the logit of any pair at distance max_distance.
+            cap = jnp.full((batch, pos), window.max_distance, jnp.int32)
+            capped = self._scores(apply_rope(q_pre, *rope_tables(cfg.rope, cap), cfg.rope.interleaved), k_pre)
+            distance = position_ids[:, :, None] - position_ids[:, None, :]
+            scores = jnp.where((distance > window.max_distance)[:, None], capped, scores)
+        if cfg.positional == "alibi":
+            positions = jnp.arange(pos)[None] if position_ids is None else position_ids
+            scores = scores + alibi_bias(cfg.n_heads, positions)
+        scores = jnp.where(allowed, scores, jnp.finfo(jnp.float32).min)
         scores = hook("attn.hook_attn_scores", scores.astype(q.dtype))
         pattern = jax.nn.softmax(scores.astype(jnp.float32), axis=-1)
         pattern = hook("attn.hook_pattern", pattern.astype(q.dtype))
@@ -196,14 +278,18 @@ _PER_HEAD_INPUTS = ("hook_q_input", "hook_k_input", "hook_v_input")
 
 
 class Block(nnx.Module):
-    """One transformer block: sequential (GPT-2, Llama) or parallel residual (GPT-NeoX/Pythia)."""
+    """One transformer block: sequential (GPT-2, Llama) or parallel residual (GPT-NeoX/Pythia,
+    GPT-J with one norm for both), with optional norms on the attention and MLP outputs (Gemma 2)."""
 
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         self.cfg = cfg
         self.ln1 = Norm(cfg)
         self.attn = Attention(cfg, rngs)
-        self.ln2 = Norm(cfg)
+        self.ln1_post = Norm(cfg) if cfg.post_norms else None
+        # shared_norm: the MLP reads ln1's weights (hooked under ln2.*, as TransformerLens does).
+        self.ln2 = None if cfg.shared_norm else Norm(cfg)
         self.mlp = MLP(cfg, rngs)
+        self.ln2_post = Norm(cfg) if cfg.post_norms else None
 
     def _attention_inputs(self, resid: Array, hook) -> tuple[Array, Array, Array]:
         """Normalised q/k/v inputs; per head ([batch, pos, head, d_model]) when a hook asks for it."""
@@ -218,16 +304,25 @@ class Block(nnx.Module):
             inputs.append(self.ln1(hook(name, per_head)))
         return tuple(inputs)
 
-    def __call__(self, x: Array, hook=_no_hook, rope: tuple[Array, Array] | None = None) -> Array:
-        """x: residual stream [batch, pos, d_model] -> [batch, pos, d_model]."""
+    def __call__(self, x: Array, hook=_no_hook, rope: tuple[Array, Array] | None = None,
+                 position_ids: Array | None = None, local_window: Array | None = None) -> Array:
+        """x: residual stream [batch, pos, d_model] -> [batch, pos, d_model]. `position_ids`
+        [batch, pos] and this layer's `local_window` as in `Attention`."""
         resid_pre = hook("hook_resid_pre", x)
-        attn_out = hook("hook_attn_out", self.attn(*self._attention_inputs(resid_pre, hook), hook, rope))
+        attn_out = self.attn(*self._attention_inputs(resid_pre, hook), hook, rope, position_ids, local_window)
+        if self.ln1_post is not None:
+            attn_out = self.ln1_post(attn_out, hook, "ln1_post")
+        attn_out = hook("hook_attn_out", attn_out)
         if self.cfg.parallel_residual:
             mlp_in = hook("hook_mlp_in", resid_pre)
         else:
             resid_mid = hook("hook_resid_mid", resid_pre + attn_out)
             mlp_in = hook("hook_mlp_in", resid_mid)
-        mlp_out = hook("hook_mlp_out", self.mlp(self.ln2(mlp_in, hook, "ln2"), hook))
+        mlp_norm = self.ln1 if self.ln2 is None else self.ln2
+        mlp_out = self.mlp(mlp_norm(mlp_in, hook, "ln2"), hook)
+        if self.ln2_post is not None:
+            mlp_out = self.ln2_post(mlp_out, hook, "ln2_post")
+        mlp_out = hook("hook_mlp_out", mlp_out)
         if self.cfg.parallel_residual:
             resid_post = resid_pre + attn_out + mlp_out
         else:

@@ -21,7 +21,11 @@ OPT_IN_TEMPLATES = ("hook_q_input", "hook_k_input", "hook_v_input", "attn.hook_r
 
 def top_level_points(cfg: ModelConfig) -> dict[str, Dims]:
     """Hook points outside the blocks, name -> dims."""
-    points: dict[str, Dims] = {"hook_embed": ("batch", "pos", "d_model")}
+    points: dict[str, Dims] = {}
+    if cfg.embed_norm:  # BLOOM's norm after the embedding (TransformerLens' embed.ln)
+        points["embed.ln.hook_scale"] = ("batch", "pos", "one")
+        points["embed.ln.hook_normalized"] = ("batch", "pos", "d_model")
+    points["hook_embed"] = ("batch", "pos", "d_model")
     if cfg.positional == "learned":
         points["hook_pos_embed"] = ("batch", "pos", "d_model")
     points["ln_final.hook_scale"] = ("batch", "pos", "one")
@@ -51,8 +55,11 @@ def block_points(cfg: ModelConfig) -> dict[str, Dims]:
         "attn.hook_pattern": ("batch", "head", "q_pos", "k_pos"),
         "attn.hook_z": ("batch", "pos", "head", "d_head"),
         "attn.hook_result": ("batch", "pos", "head", "d_model"),
-        "hook_attn_out": resid,
     })
+    if cfg.post_norms:  # Gemma 2: the attention output is normalised before hook_attn_out
+        points["ln1_post.hook_scale"] = ("batch", "pos", "one")
+        points["ln1_post.hook_normalized"] = resid
+    points["hook_attn_out"] = resid
     if not cfg.parallel_residual:
         points["hook_resid_mid"] = resid
     points.update({
@@ -65,9 +72,12 @@ def block_points(cfg: ModelConfig) -> dict[str, Dims]:
         points["mlp.hook_pre_linear"] = ("batch", "pos", "d_mlp")
     points.update({
         "mlp.hook_post": ("batch", "pos", "d_mlp"),
-        "hook_mlp_out": resid,
-        "hook_resid_post": resid,
     })
+    if cfg.post_norms:
+        points["ln2_post.hook_scale"] = ("batch", "pos", "one")
+        points["ln2_post.hook_normalized"] = resid
+    points["hook_mlp_out"] = resid
+    points["hook_resid_post"] = resid
     return points
 
 

@@ -35,24 +35,31 @@ def config_from_hf(hf: dict[str, Any], dtype: str = "float32") -> ModelConfig:
     )
 
 
+def attention_from_hf(get: Callable[[str], np.ndarray], prefix: str, cfg: ModelConfig) -> dict:
+    """The q/k/v/o projections (and biases) of an HF `self_attn` module at `prefix`, in our
+    per-head layout. Shared by the Llama-style ports (Llama, Qwen2, Mistral, Gemma 2)."""
+    d, h, kv, dh = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.d_head
+    p = prefix + "self_attn."
+    attn = {
+        "W_Q": get(p + "q_proj.weight").T.reshape(d, h, dh),
+        "W_K": get(p + "k_proj.weight").T.reshape(d, kv, dh),
+        "W_V": get(p + "v_proj.weight").T.reshape(d, kv, dh),
+        "W_O": get(p + "o_proj.weight").T.reshape(h, dh, d),
+    }
+    if cfg.qkv_bias:
+        attn.update(b_Q=get(p + "q_proj.bias").reshape(h, dh), b_K=get(p + "k_proj.bias").reshape(kv, dh),
+                    b_V=get(p + "v_proj.bias").reshape(kv, dh))
+    if cfg.o_bias:
+        attn["b_O"] = get(p + "o_proj.bias")
+    return attn
+
+
 def params_from_hf(get: Callable[[str], np.ndarray], cfg: ModelConfig) -> dict:
     """`get(name)` returns an HF tensor (names without the `model.` prefix; `lm_head.weight` as is)."""
-    d, h, kv, dh = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.d_head
 
     def block(i: int) -> dict:
         p = f"layers.{i}."
-        attn = {
-            "W_Q": get(p + "self_attn.q_proj.weight").T.reshape(d, h, dh),
-            "W_K": get(p + "self_attn.k_proj.weight").T.reshape(d, kv, dh),
-            "W_V": get(p + "self_attn.v_proj.weight").T.reshape(d, kv, dh),
-            "W_O": get(p + "self_attn.o_proj.weight").T.reshape(h, dh, d),
-        }
-        if cfg.qkv_bias:
-            attn.update(b_Q=get(p + "self_attn.q_proj.bias").reshape(h, dh),
-                        b_K=get(p + "self_attn.k_proj.bias").reshape(kv, dh),
-                        b_V=get(p + "self_attn.v_proj.bias").reshape(kv, dh))
-        if cfg.o_bias:
-            attn["b_O"] = get(p + "self_attn.o_proj.bias")
+        attn = attention_from_hf(get, p, cfg)
         mlp = {"W_gate": get(p + "mlp.gate_proj.weight").T, "W_in": get(p + "mlp.up_proj.weight").T,
                "W_out": get(p + "mlp.down_proj.weight").T}
         if cfg.mlp_bias:

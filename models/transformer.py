@@ -35,6 +35,8 @@ class Transformer(nnx.Module):
         self.W_E = nnx.Param(cfg.initializer_range * jax.random.normal(rngs.params(), (cfg.d_vocab, cfg.d_model), dtype))
         if cfg.positional == "learned":
             self.W_pos = nnx.Param(cfg.initializer_range * jax.random.normal(rngs.params(), (cfg.n_ctx, cfg.d_model), dtype))
+        if cfg.embed_norm:
+            self.ln_embed = Norm(cfg)
 
         @nnx.split_rngs(splits=cfg.n_layers)
         @nnx.vmap(in_axes=(0,), out_axes=0)
@@ -49,8 +51,18 @@ class Transformer(nnx.Module):
             self.b_U = nnx.Param(jnp.zeros((cfg.d_vocab,), dtype))
 
     def embed(self, tokens: Array, position_ids: Array, top: HookContext) -> Array:
-        """tokens [batch, pos] -> residual [batch, pos, d_model] (hook_embed, hook_pos_embed)."""
-        x = top("hook_embed", jnp.take(self.W_E[...], tokens, axis=0))
+        """tokens [batch, pos] -> residual [batch, pos, d_model] (hook_embed, hook_pos_embed).
+
+        hook_embed is what enters the residual stream from the token: scaled by
+        `cfg.embed_scale` (Gemma) or normalised by `ln_embed` (BLOOM, hooks embed.ln.*)."""
+        cfg = self.cfg
+        x = jnp.take(self.W_E[...], tokens, axis=0)
+        if cfg.embed_scale != 1.0:
+            # In the model dtype, as HF does (sqrt(d_model) rounded to bf16 in a bf16 model).
+            x = x * jnp.asarray(cfg.embed_scale, x.dtype)
+        if cfg.embed_norm:
+            x = self.ln_embed(x, top, "embed.ln")
+        x = top("hook_embed", x)
         if self.cfg.positional == "learned":
             x = x + top("hook_pos_embed", jnp.take(self.W_pos[...], position_ids, axis=0))
         return x
@@ -66,13 +78,14 @@ class Transformer(nnx.Module):
 
         def step(carry, xs):
             resid, buffers = carry
-            state, layer, layer_ops = xs
+            state, layer, layer_ops, window = xs
             hook = HookContext(plan, layer, buffers, layer_ops)
-            resid = nnx.merge(block_def, state)(resid, hook, rope)
+            resid = nnx.merge(block_def, state)(resid, hook, rope, position_ids, window)
             return (resid, hook.buffers), hook.outputs
 
         layers = jnp.arange(cfg.n_layers, dtype=jnp.int32)
-        xs = (block_state, layers, plan.scanned_ops())
+        windows = None if cfg.layer_windows is None else jnp.asarray(cfg.layer_windows, jnp.int32)
+        xs = (block_state, layers, plan.scanned_ops(), windows)
         (x, buffers), outputs = jax.lax.scan(step, (x, plan.init_buffers(x.dtype, x)), xs)
         return x, buffers, outputs
 
@@ -80,7 +93,11 @@ class Transformer(nnx.Module):
         """Residual after the final norm [..., d_model] -> logits [..., d_vocab]."""
         w = self.W_E[...].T if self.cfg.tied_embeddings else self.W_U[...]
         logits = x @ w
-        return logits + self.b_U[...] if self.cfg.unembed_bias else logits
+        if self.cfg.unembed_bias:
+            logits = logits + self.b_U[...]
+        if self.cfg.final_softcap is not None:  # Gemma 2: cap * tanh(logits / cap)
+            logits = self.cfg.final_softcap * jnp.tanh(logits / self.cfg.final_softcap)
+        return logits
 
     def __call__(self, tokens: Array, hooks: Hooks, position_ids: Array | None = None,
                  logits_at: Array | None = None) -> tuple[Array, dict[str, Array]]:
@@ -120,8 +137,8 @@ def init_params(cfg: ModelConfig, seed: int = 0) -> Params:
         arrays, offset = [], 0
         for (path, leaf), size in zip(leaves, sizes):
             name = str(path[-1].key)
-            if name == "w":  # norm scale
-                arrays.append(jnp.ones(leaf.shape, leaf.dtype))
+            if name == "w":  # norm scale: offset + w = 1
+                arrays.append(jnp.full(leaf.shape, 1.0 - cfg.norm_offset, leaf.dtype))
             elif name.startswith("b"):
                 arrays.append(jnp.zeros(leaf.shape, leaf.dtype))
             else:

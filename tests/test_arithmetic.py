@@ -7,7 +7,6 @@ from __future__ import annotations
 import re
 import zlib
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -18,7 +17,7 @@ from jaxcirc import arithmetic_tasks as T
 from jaxcirc.arithmetic_tasks import Item
 from jaxcirc.logit_lens import decode, pad_prompts
 from jaxcirc.model import Model
-from jaxcirc.models.transformer import param_shapes
+from tiny_models import random_params
 
 GPT2 = ModelConfig(family="gpt2", n_layers=3, d_model=24, n_heads=3, d_head=8, d_mlp=48, d_vocab=50, n_ctx=128,
                    qkv_bias=True, o_bias=True, mlp_bias=True, initializer_range=0.3)
@@ -26,18 +25,6 @@ LLAMA = ModelConfig(family="llama", n_layers=3, d_model=32, n_heads=4, n_kv_head
                     d_vocab=50, n_ctx=128, norm="rmsnorm", activation="silu", gated_mlp=True, positional="rotary",
                     rope=RopeConfig(theta=10000.0, rotary_dim=8), tied_embeddings=False, initializer_range=0.3)
 ROWS = [[3, 14, 15, 9, 2, 6, 5], [35, 8, 9], [7, 9, 3, 2, 38]]
-
-
-def random_params(cfg: ModelConfig, seed: int) -> dict:
-    rng = np.random.default_rng(seed)
-
-    def draw(path, leaf):
-        name = str(path[-1].key)
-        scale = cfg.initializer_range if name.startswith("W") else 0.3
-        value = (1.0 + 0.1 * rng.normal(size=leaf.shape)) if name == "w" else scale * rng.normal(size=leaf.shape)
-        return jnp.asarray(value, leaf.dtype)
-
-    return jax.tree_util.tree_map_with_path(draw, param_shapes(cfg))
 
 
 class WordTokenizer:

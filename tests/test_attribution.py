@@ -14,40 +14,9 @@ from jaxcirc.attribution import Attribution, atp, atp_chunk
 from jaxcirc.eap import eap
 from jaxcirc.hooks import Hooks, replace
 from jaxcirc.metrics import logit_diff
-from jaxcirc.models.config import ModelConfig, RopeConfig
 from jaxcirc.models.transformer import init_params, make_forward
-from jaxcirc.pairs import from_tokens
-
-
-def _neox() -> ModelConfig:
-    return ModelConfig(family="gpt_neox", n_layers=2, d_model=24, n_heads=3, d_head=8, d_mlp=96, d_vocab=50,
-                       n_ctx=32, norm="layernorm", activation="gelu", parallel_residual=True,
-                       positional="rotary", rope=RopeConfig(rotary_dim=2), tied_embeddings=False,
-                       initializer_range=0.3)
-
-
-def _llama_gqa_parallel() -> ModelConfig:
-    # Grouped-query attention with a parallel block: attention of the last layer feeds the logits
-    # only through the final norm, which the linear test freezes.
-    return ModelConfig(family="llama", n_layers=2, d_model=32, n_heads=4, n_kv_heads=2, d_head=8, d_mlp=64,
-                       d_vocab=50, n_ctx=64, norm="rmsnorm", activation="silu", gated_mlp=True,
-                       positional="rotary", rope=RopeConfig(theta=10000.0, rotary_dim=8),
-                       tied_embeddings=False, parallel_residual=True, initializer_range=0.3)
-
-
-def _pairs(seed: int, n: int, pos: int, vocab: int = 50):
-    """Mixed-length pairs (every other one a token shorter) differing in one non-final token."""
-    rng = np.random.default_rng(seed)
-    clean, corrupt = [], []
-    for i in range(n):
-        length = pos - (i % 2)
-        c = rng.integers(1, vocab, length)
-        k = c.copy()
-        j = int(rng.integers(0, length - 1))
-        k[j] = c[j] % (vocab - 1) + 1
-        clean.append(c.tolist()); corrupt.append(k.tolist())
-    answer = rng.integers(1, vocab, n)
-    return from_tokens(clean, corrupt, answer=answer, foil=answer % (vocab - 1) + 1)
+import tiny_models
+from tiny_models import llama_gqa, random_pairs
 
 
 # The same static options and pair shapes as tests/test_eap.py, so the compiled programs are shared.
@@ -113,8 +82,8 @@ def _exact_patching(cfg, params, pairs):
 @pytest.fixture(scope="module")
 def neox():
     """2-layer parallel model; per-pair AtP (with QK-fix parts) in chunks of 3, the last one padded."""
-    cfg = _neox()
-    params, pairs = init_params(cfg, 0), _pairs(1, 4, 5)
+    cfg = tiny_models.neox()
+    params, pairs = init_params(cfg, 0), random_pairs(1, 4, 5)
     per_pair = atp(cfg, params, pairs, **NEOX_ATP)
     mean = {site: np.asarray(v).mean(0) for site, v in per_pair.scores.items()}
     return cfg, params, pairs, mean, per_pair
@@ -144,8 +113,10 @@ def test_atp_and_qk_fix_are_exact_where_the_model_is_linear():
     heads, MLP output and neurons reach the logit difference linearly, and so does its attention
     pattern (z = A v). There AtP equals exact patching, and QK-fix (which recomputes the softmax
     exactly) equals exact patching of one query or key position."""
-    cfg = _llama_gqa_parallel()
-    params, pairs = init_params(cfg, 0), _pairs(1, 4, 5)
+    # Grouped-query attention with a parallel block: attention of the last layer feeds the logits
+    # only through the final norm, which the linear test freezes.
+    cfg = llama_gqa(n_layers=2, parallel_residual=True)
+    params, pairs = init_params(cfg, 0), random_pairs(1, 4, 5)
     L, H, K, P, g, last = cfg.n_layers, cfg.n_heads, cfg.n_kv_heads, pairs.clean.shape[1], cfg.group_size, cfg.n_layers - 1
     caches, run = _exact_patching(cfg, params, pairs)
     base = {"ln_final.hook_scale": replace(caches(pairs.clean)["ln_final.hook_scale"])}

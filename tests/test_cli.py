@@ -91,6 +91,24 @@ def test_info(llama_dir):
     assert text.exit_code == 0 and "llama" in text.stdout and "n_kv_heads" in text.stdout
 
 
+def test_info_without_a_model_lists_the_families(llama_dir):
+    """`jaxcirc info` (or `--families`) prints the family table: every row, its model types,
+    coverage and parity figure; with a model as well it is a usage error."""
+    from jaxcirc.models.families import FAMILIES, family_table
+
+    result = invoke("info", "--families", "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout) == {"families": family_table()}
+    names = {row["name"] for row in family_table()}
+    assert {"GPT-2", "GPT-NeoX / Pythia", "Llama", "GPT-J", "BLOOM", "Gemma 2"} <= names
+    text = invoke("info")
+    assert text.exit_code == 0, text.output
+    for family in FAMILIES:
+        assert family.name in text.stdout and family.parity in text.stdout
+        assert all(t in text.stdout for t in family.model_types)
+    assert_clear_error(invoke("info", llama_dir, "--families"), "not both")
+
+
 def test_hooks_lists_every_name_with_its_shape(llama_dir):
     cfg = jaxcirc.load(llama_dir).config
     result = invoke("hooks", llama_dir, "--json", "--pos", 7)

@@ -11,38 +11,9 @@ from jaxcirc.attribution import atp
 from jaxcirc.eap import EdgeScores, eap, eap_chunk, eap_ig, ig_alphas
 from jaxcirc.hooks import Hooks, add
 from jaxcirc.metrics import logit_diff
-from jaxcirc.models.config import ModelConfig, RopeConfig
 from jaxcirc.models.transformer import init_params, make_forward
-from jaxcirc.pairs import from_tokens
-
-
-def _llama_gqa() -> ModelConfig:
-    return ModelConfig(family="llama", n_layers=3, d_model=32, n_heads=4, n_kv_heads=2, d_head=8, d_mlp=64,
-                       d_vocab=50, n_ctx=64, norm="rmsnorm", activation="silu", gated_mlp=True,
-                       positional="rotary", rope=RopeConfig(theta=10000.0, rotary_dim=8),
-                       tied_embeddings=False, initializer_range=0.3)
-
-
-def _neox() -> ModelConfig:
-    return ModelConfig(family="gpt_neox", n_layers=2, d_model=24, n_heads=3, d_head=8, d_mlp=96, d_vocab=50,
-                       n_ctx=32, norm="layernorm", activation="gelu", parallel_residual=True,
-                       positional="rotary", rope=RopeConfig(rotary_dim=2), tied_embeddings=False,
-                       initializer_range=0.3)
-
-
-def _pairs(seed: int, n: int, pos: int, vocab: int = 50):
-    """Mixed-length pairs (every other one a token shorter) differing in one non-final token."""
-    rng = np.random.default_rng(seed)
-    clean, corrupt = [], []
-    for i in range(n):
-        length = pos - (i % 2)
-        c = rng.integers(1, vocab, length)
-        k = c.copy()
-        j = int(rng.integers(0, length - 1))
-        k[j] = c[j] % (vocab - 1) + 1
-        clean.append(c.tolist()); corrupt.append(k.tolist())
-    answer = rng.integers(1, vocab, n)
-    return from_tokens(clean, corrupt, answer=answer, foil=answer % (vocab - 1) + 1)
+import tiny_models
+from tiny_models import llama_gqa, random_pairs
 
 
 # The same static options and pair shapes as tests/test_attribution.py (shared compilations).
@@ -53,8 +24,8 @@ NEOX_ATP = dict(sites=SITES, qk_fix=True, per_pair=True, batch_size=3)
 @pytest.fixture(scope="module")
 def llama():
     """GQA, sequential blocks. EAP in chunks of 2 pairs; AtP of the nodes."""
-    cfg = _llama_gqa()
-    params, pairs = init_params(cfg, 0), _pairs(1, 4, 5)
+    cfg = llama_gqa()
+    params, pairs = init_params(cfg, 0), random_pairs(1, 4, 5)
     before = eap_chunk._cache_size()
     edges = eap(cfg, params, pairs, batch_size=2)
     compiles = eap_chunk._cache_size() - before
@@ -67,8 +38,8 @@ def llama():
 @pytest.fixture(scope="module")
 def neox():
     """MHA, parallel attention + MLP (no attention -> MLP edge inside a layer)."""
-    cfg = _neox()
-    params, pairs = init_params(cfg, 0), _pairs(1, 4, 5)
+    cfg = tiny_models.neox()
+    params, pairs = init_params(cfg, 0), random_pairs(1, 4, 5)
     edges = eap(cfg, params, pairs)
     nodes = atp(cfg, params, pairs, **NEOX_ATP)  # per pair, chunked; head_atp is plain AtP of the heads
     node_atp = {"head": np.asarray(nodes["head_atp"]).mean(0), "mlp_out": np.asarray(nodes["mlp_out"]).mean(0),

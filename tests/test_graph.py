@@ -4,24 +4,10 @@ import numpy as np
 import pytest
 
 from jaxcirc.graph import DST_KINDS, Graph, graph_of
-from jaxcirc.models.config import ModelConfig, RopeConfig
+from tiny_models import llama_gqa, neox
 
 
-def _llama_gqa() -> ModelConfig:
-    return ModelConfig(family="llama", n_layers=3, d_model=32, n_heads=4, n_kv_heads=2, d_head=8, d_mlp=64,
-                       d_vocab=50, n_ctx=64, norm="rmsnorm", activation="silu", gated_mlp=True,
-                       positional="rotary", rope=RopeConfig(theta=10000.0, rotary_dim=8),
-                       tied_embeddings=False, initializer_range=0.3)
-
-
-def _neox() -> ModelConfig:
-    return ModelConfig(family="gpt_neox", n_layers=2, d_model=24, n_heads=3, d_head=8, d_mlp=96, d_vocab=50,
-                       n_ctx=32, norm="layernorm", activation="gelu", parallel_residual=True,
-                       positional="rotary", rope=RopeConfig(rotary_dim=2), tied_embeddings=False,
-                       initializer_range=0.3)
-
-
-CONFIGS = {"llama_gqa": _llama_gqa(), "neox_parallel": _neox()}
+CONFIGS = {"llama_gqa": llama_gqa(), "neox_parallel": neox()}
 
 
 def _parse_dst(name: str) -> tuple[int, str]:

@@ -4,7 +4,6 @@ parallel residual), and the rank / reciprocal-rank / probability definitions."""
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -12,7 +11,7 @@ import pytest
 from jaxcirc import Hooks, ModelConfig, RopeConfig, replace
 from jaxcirc.logit_lens import SITES, chunk_indices, decode, logit_lens, pad_prompts, rank_figure, token_stats, top_k_table
 from jaxcirc.model import Model
-from jaxcirc.models.transformer import param_shapes
+from tiny_models import random_params
 
 LLAMA = ModelConfig(family="llama", n_layers=3, d_model=32, n_heads=4, n_kv_heads=2, d_head=8, d_mlp=64,
                     d_vocab=50, n_ctx=64, norm="rmsnorm", activation="silu", gated_mlp=True,
@@ -25,19 +24,6 @@ PYTHIA = ModelConfig(family="gpt_neox", n_layers=2, d_model=32, n_heads=4, d_hea
                      rope=RopeConfig(rotary_dim=2), tied_embeddings=False, qkv_bias=True, o_bias=True,
                      mlp_bias=True, initializer_range=0.3)
 ROWS = [[3, 14, 15, 9, 2, 6, 5], [35, 8, 9], [7, 9, 3, 2, 38]]  # different lengths: right padding
-
-
-def random_params(cfg: ModelConfig, seed: int) -> dict:
-    """Weights ~ N(0, init), norm scales ~ 1 + N(0, 0.1), biases ~ N(0, 0.3): every parameter matters."""
-    rng = np.random.default_rng(seed)
-
-    def draw(path, leaf):
-        name = str(path[-1].key)
-        scale = cfg.initializer_range if name.startswith("W") else 0.3
-        value = (1.0 + 0.1 * rng.normal(size=leaf.shape)) if name == "w" else scale * rng.normal(size=leaf.shape)
-        return jnp.asarray(value, leaf.dtype)
-
-    return jax.tree_util.tree_map_with_path(draw, param_shapes(cfg))
 
 
 def hand_decode(cfg: ModelConfig, params: dict, resid: np.ndarray) -> np.ndarray:

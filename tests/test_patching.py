@@ -16,12 +16,13 @@ import numpy as np
 import pytest
 
 from jaxcirc.hooks import Hooks, replace
+from jaxcirc.memory import MemoryBudgetError
 from jaxcirc.model import Model
 from jaxcirc.models.config import ModelConfig, RopeConfig
 from jaxcirc.models.transformer import make_forward, param_shapes
 from jaxcirc.pairs import from_tokens
-from jaxcirc.patching import (PatchResult, chunking, compile_log, estimate_patch_bytes, patch_sweep,
-                              resolve_site)
+from jaxcirc.patching import (PatchResult, auto_position_groups, chunking, compile_log, estimate_patch_bytes,
+                              patch_sweep, resolve_site, resume_schedule)
 
 VOCAB = 41
 
@@ -193,7 +194,7 @@ def test_sweep_equals_python_loop(models, pairs, case):
     with compile_log() as compiled:
         result = patch_sweep(model, pairs, site, by, metric=metric, direction=direction, source=source,
                              max_patches_per_chunk=5)
-    assert compiled in ([], ["jit(_sweep_program)"]), compiled  # one program, whatever the chunks
+    assert compiled in ([], ["jit(_resumed_sweep_program)"]), compiled  # one program, whatever the chunks
     expected, clean_m, corrupt_m, ran = loop_reference(model, pairs, site, by, direction, source, metric)
 
     assert isinstance(result, PatchResult)
@@ -230,7 +231,7 @@ def test_compiles_once_whatever_the_chunking(models, pairs):
     reference = patch_sweep(model, pairs, "resid_pre", ("layer", "pos"), max_patches_per_chunk=5)
     with compile_log() as compiled:
         result = patch_sweep(model, pairs, "resid_pre", ("layer", "pos"), indices=indices, max_patches_per_chunk=1)
-    assert compiled == ["jit(_sweep_program)"], compiled  # 11 chunks, one compilation
+    assert compiled == ["jit(_resumed_sweep_program)"], compiled  # 11 chunks, one compilation
     assert (result.chunk_size, result.n_chunks, result.dims) == (1, 11, ("patch",))
     # Patching nothing gives the unpatched (corrupted, for denoising) run.
     np.testing.assert_allclose(result.per_pair[0], result.corrupt_metric, rtol=1e-5, atol=1e-5)
@@ -244,7 +245,9 @@ def test_memory_budget_chunking():
     assert chunking(10, 100, max_patches_per_chunk=4) == (4, 3)
     assert chunking(10, 100, max_patches_per_chunk=3) == (3, 4)
     assert chunking(10, 100, memory_budget_bytes=450) == (4, 3)  # 4 fit, evened out over 3 chunks
-    assert chunking(10, 100, memory_budget_bytes=50) == (1, 10)  # never fewer than one per chunk
+    assert chunking(10, 100, memory_budget_bytes=50, max_patches_per_chunk=1) == (1, 10)  # forced
+    with pytest.raises(MemoryBudgetError, match="needs 100 bytes"):  # one patch does not fit: say so
+        chunking(10, 100, memory_budget_bytes=50)
     assert chunking(10, 100) == (10, 1)
     cfg = CONFIGS["gpt2"]
     small, large = estimate_patch_bytes(cfg, 2, 8), estimate_patch_bytes(cfg, 4, 16)
@@ -303,3 +306,53 @@ def test_equals_transformer_lens_gpt2():
     for sweep, diff in result["max_abs_diff"].items():
         assert diff < 1e-4, (sweep, diff)
         assert result["scale"][sweep] > 0.1
+
+
+# ---------------------------------------------------------------------------- prefix reuse
+
+PREFIX_CASES = [
+    # resid_pre by (layer, pos): start layer + position suffixes (3 groups over 5 positions);
+    # heads by (layer, head): start layer only; grouped-query attention with rotary (llama).
+    # (The default path is the resumed one, so CASES above also check it against the loop, but
+    # with these tiny batches its automatic choice is no position groups.)
+    ("gpt2", "resid_pre", ("layer", "pos"), "denoising", "resample"),
+    ("llama", "resid_pre", ("layer", "pos"), "noising", "pos_mean"),
+    ("llama", "z", ("layer", "head"), "denoising", "resample"),
+    ("pythia", "z", ("layer", "head", "pos"), "noising", "zero"),
+]
+
+
+@pytest.mark.parametrize("case", PREFIX_CASES, ids=["-".join((c[0], c[1], *c[2])) for c in PREFIX_CASES])
+def test_prefix_reuse_equals_full_forwards(models, pairs, case):
+    name, site, by, direction, source = case
+    options = dict(direction=direction, source=source, max_patches_per_chunk=3)
+    full = patch_sweep(models[name], pairs, site, by, prefix_reuse=False, **options)
+    fast = patch_sweep(models[name], pairs, site, by, position_groups=3, **options)
+    np.testing.assert_array_equal(np.isnan(fast.per_pair), np.isnan(full.per_pair))
+    ran = ~np.isnan(full.per_pair)
+    np.testing.assert_allclose(fast.per_pair[ran], full.per_pair[ran], rtol=1e-5, atol=1e-5)
+    baseline = full.clean_metric if direction == "noising" else full.corrupt_metric
+    assert np.nanmax(np.abs(full.per_pair - baseline)) > 1e-3  # the patches do something
+
+
+def test_resume_schedule_groups_by_layer_and_position():
+    cfg = CONFIGS["gpt2"]
+    spec = resolve_site(cfg, "resid_pre", ("layer", "pos"))
+    table = np.array([[1, 4], [0, 0], [1, 1], [-1, -1], [0, 3], [1, 0]], np.int32)
+    offsets, starts, indices, rows, widest = resume_schedule(table, spec, cfg.n_layers, (0, 3), limit=2)
+    assert offsets == (0, 3) and widest == 2
+    # Positions 0-2 run whole: layer 0 -> [1], layer 1 (with the no-op patch, run from the last
+    # layer) -> [2, 3] and [5]; positions 3-4 run from position 3: layer 0 -> [4], layer 1 -> [0].
+    assert starts[0].tolist() == [0, 1, 1] and starts[1].tolist() == [0, 1]
+    assert rows[0].tolist() == [1, -1, 2, 3, 5, -1] and rows[1].tolist() == [4, 0]
+    assert (indices[0][0, 1] == -1).all()  # padding slots select nothing
+    np.testing.assert_array_equal(np.sort(np.concatenate(rows)[np.concatenate(rows) >= 0]), np.arange(6))
+
+
+def test_auto_position_groups_keep_chunks_large():
+    # batch x ceil(pos / groups)^2 >= MIN_CHUNK_TOKENS (128) in the smallest chunk.
+    assert [auto_position_groups(b, 16) for b in (1, 2, 8, 32)] == [1, 2, 4, 8]
+    assert auto_position_groups(8, 5) == 1 and auto_position_groups(32, 64) == 16
+    with pytest.raises(ValueError, match="position_groups"):
+        patch_sweep(Model(CONFIGS["gpt2"], random_params(CONFIGS["gpt2"], 0)),
+                    from_tokens([[1, 2, 3]], [[1, 5, 3]], answer=[3], foil=[4]), "resid_pre", position_groups=0)

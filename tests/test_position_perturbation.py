@@ -6,11 +6,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jaxcirc.hooks import Hooks
 from jaxcirc.model import Model
 from jaxcirc.models.config import ModelConfig, RopeConfig
 from jaxcirc.models.transformer import init_params
-from jaxcirc.position_perturbation import (LambdaAttention, apply_permutation, lambda_mask, lm_infinite_forward,
-                                           perturbation_curve, permutations, shuffle_permutation, token_nll)
+from jaxcirc.models.config import AttentionWindow
+from jaxcirc.position_perturbation import (apply_permutation, perturbation_curve, permutations, shuffle_permutation,
+                                           token_nll, windowed_nll, with_attention_window)
 
 CFG = ModelConfig(family="llama", n_layers=2, d_model=32, n_heads=4, n_kv_heads=2, d_head=8, d_mlp=64,
                   d_vocab=50, n_ctx=64, norm="rmsnorm", activation="silu", gated_mlp=True, positional="rotary",
@@ -84,8 +86,8 @@ def test_perplexity_unchanged_at_zero_and_changed_above(model, tokens):
 
 
 def _reference_forward(params, tokens, allowed, distance):
-    """The tiny Llama in NumPy float64, attention restricted to `allowed` [n, n] with the RoPE
-    rotation of each (query, key) pair taken at `distance` [n, n]."""
+    """The tiny Llama in NumPy float64, attention restricted to `allowed` [n, n] (or one such mask
+    per layer) with the RoPE rotation of each (query, key) pair taken at `distance` [n, n]."""
     p = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
     theta = CFG.rope.theta ** (-np.arange(0, 8, 2) / 8)
 
@@ -100,7 +102,9 @@ def _reference_forward(params, tokens, allowed, distance):
 
     x = p["W_E"][tokens]  # [n, d]
     n = len(tokens)
+    per_layer = allowed if isinstance(allowed, list) else [allowed] * CFG.n_layers
     for layer in range(CFG.n_layers):
+        allowed = per_layer[layer]
         blk = jax.tree.map(lambda a: a[layer], p["blocks"])
         h = norm(x, blk["ln1"]["w"])
         q = np.einsum("pd,dhk->phk", h, blk["attn"]["W_Q"])
@@ -124,21 +128,41 @@ def _reference_forward(params, tokens, allowed, distance):
     return norm(x, p["ln_final"]["w"]) @ p["W_U"]
 
 
+def _lambda_mask(n, n_global, n_local):
+    i, j = np.arange(n)[:, None], np.arange(n)[None, :]
+    return (j <= i) & ((i - j < n_local) | (j < n_global))
+
+
 def test_lm_infinite_matches_an_independent_forward(model, tokens):
-    spec = LambdaAttention(n_global=2, n_local=4, max_distance=5)
-    logits, _ = lm_infinite_forward(model, tokens[:2], spec)
+    window = AttentionWindow(n_global=2, n_local=4, max_distance=5)
+    windowed = with_attention_window(model, window)
+    logits, cache = windowed.forward(model.params, jnp.asarray(tokens[:2]), Hooks(cache=("blocks.1.attn.hook_pattern",)))
     i, j = np.arange(N)[:, None], np.arange(N)[None, :]
-    allowed = lambda_mask(N, spec)
+    allowed = _lambda_mask(N, 2, 4)
     assert allowed[10, 1] and allowed[10, 7] and not allowed[10, 5] and not allowed[3, 4]
     for b in range(2):
-        expected = _reference_forward(model.params, tokens[b], allowed, np.minimum(i - j, spec.max_distance))
+        expected = _reference_forward(model.params, tokens[b], allowed, np.minimum(i - j, window.max_distance))
         np.testing.assert_allclose(logits[b], expected, rtol=2e-4, atol=2e-4)
-    # Without the cap (max_distance beyond the text) only the mask changes: one pass.
-    masked, _ = lm_infinite_forward(model, tokens[:1], LambdaAttention(2, 4, N))
+    # Hooks see the windowed attention: nothing outside the Lambda.
+    pattern = np.asarray(cache["blocks.1.attn.hook_pattern"])
+    assert np.all(pattern[:, :, ~allowed] == 0) and np.allclose(pattern.sum(-1), 1, atol=1e-5)
+    # Without a cap only the mask changes.
+    masked, _ = with_attention_window(model, AttentionWindow(2, 4)).forward(model.params, jnp.asarray(tokens[:1]))
     np.testing.assert_allclose(masked[0], _reference_forward(model.params, tokens[0], allowed, i - j), rtol=2e-4, atol=2e-4)
-    # A spec that allows everything is the plain model.
-    plain, _ = lm_infinite_forward(model, tokens, LambdaAttention(0, N, N))
-    np.testing.assert_allclose(plain, model.forward(model.params, jnp.asarray(tokens))[0], atol=1e-5)
+    # A window that allows everything is the plain model.
+    nll, _ = windowed_nll(model, tokens, AttentionWindow(0, N, N), batch_size=3)
+    np.testing.assert_allclose(nll, token_nll(model, tokens, batch_size=3)[0], atol=1e-5)
+
+
+def test_per_layer_sliding_windows_match_an_independent_forward(model, tokens):
+    cfg = CFG.replace(layer_windows=(3, 0))  # layer 0 slides over 3 tokens, layer 1 sees everything
+    logits, _ = Model(cfg, model.params).forward(model.params, jnp.asarray(tokens[:1]))
+    i, j = np.arange(N)[:, None], np.arange(N)[None, :]
+    per_layer = [(j <= i) & (i - j < 3), j <= i]
+    np.testing.assert_allclose(logits[0], _reference_forward(model.params, tokens[0], per_layer, i - j),
+                               rtol=2e-4, atol=2e-4)
+    with pytest.raises(ValueError, match="one window >= 0 per layer"):
+        CFG.replace(layer_windows=(3,))
 
 
 class _ByteTokenizer:

@@ -41,11 +41,33 @@ TINY: dict[str, tuple[str, str, dict[str, Any]]] = {
         hidden_size=48, num_hidden_layers=2, num_attention_heads=6, num_key_value_heads=2, intermediate_size=64,
         vocab_size=VOCAB, max_position_embeddings=64, rms_norm_eps=1e-6, tie_word_embeddings=True,
         rope_theta=1000.0, initializer_range=INIT)),
+    # GPT-J: 3 heads of 8, interleaved rotary on 4 of the 8 dims, untied head with a bias.
+    "gptj": ("GPTJConfig", "GPTJForCausalLM", dict(
+        n_embd=24, n_layer=2, n_head=3, rotary_dim=4, n_positions=64, vocab_size=VOCAB, initializer_range=INIT,
+        bos_token_id=0, eos_token_id=0)),
+    # BLOOM: 6 heads (not a power of two: the extra ALiBi slopes), tied head.
+    "bloom": ("BloomConfig", "BloomForCausalLM", dict(
+        hidden_size=36, n_layer=2, n_head=6, vocab_size=VOCAB, initializer_range=INIT,
+        bos_token_id=0, eos_token_id=0)),
+    # Gemma 2: 3 layers (sliding, global, sliding) with a window of 8 < 40 tokens, head_dim 12
+    # independent of d_model / n_heads, query_pre_attn_scalar != head_dim, GQA 4/2, soft caps low
+    # enough to bind on these random weights.
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", dict(
+        hidden_size=32, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, head_dim=12,
+        intermediate_size=64, vocab_size=VOCAB, max_position_embeddings=64, sliding_window=8,
+        query_pre_attn_scalar=20, attn_logit_softcapping=3.0, final_logit_softcapping=5.0,
+        rope_theta=1000.0, initializer_range=INIT, pad_token_id=0, bos_token_id=1, eos_token_id=2)),
 }
 
+# Configs whose 1-D parameters (biases, norm weights) get random values on top of their init by
+# default: HF initialises them to 0 and 1, which would leave a wrong bias or norm mapping unseen.
+# (The parity tests randomise them for every config; other tests keep the older configs' init.)
+RANDOM_VECTORS = {"gptj", "bloom", "gemma2"}
 
-def make_model(name: str, seed: int = 0):
-    """A random-init transformers model (fp32, eager attention, eval mode) of the tiny config `name`."""
+
+def make_model(name: str, seed: int = 0, random_vectors: bool | None = None):
+    """A random-init transformers model (fp32, eager attention, eval mode) of the tiny config `name`;
+    `random_vectors` adds N(0, INIT) to every bias and norm weight (default: for RANDOM_VECTORS)."""
     import torch
     import transformers
 
@@ -54,6 +76,11 @@ def make_model(name: str, seed: int = 0):
     config._attn_implementation = "eager"
     torch.manual_seed(seed)
     model = getattr(transformers, model_cls)(config).to(torch.float32).eval()
+    if name in RANDOM_VECTORS if random_vectors is None else random_vectors:
+        with torch.no_grad():
+            for param in model.parameters():
+                if param.ndim == 1:
+                    param.add_(INIT * torch.randn_like(param))
     return model
 
 

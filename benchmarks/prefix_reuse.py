@@ -1,0 +1,115 @@
+"""Exact patching with and without prefix reuse, and its scaling (batch, length, layers).
+
+    python benchmarks/prefix_reuse.py --batches 1,8,32 --pos 16 --layers 12 --out prefix_reuse.json
+    python benchmarks/prefix_reuse.py --batches 8 --pos 8,16,32 --layers 12 --out scaling_pos.json
+    python benchmarks/prefix_reuse.py --batches 8 --pos 16 --layers 4,8,12 --out scaling_layers.json
+
+GPT-2-small shape (random init; `--layers` changes the depth only) or `--model smollm2-shape`.
+For each (batch, pos, layers) point it runs the resid_pre sweep by (layer, pos) and the head
+sweep (attn.hook_z) by (layer, head), once with full forwards (`prefix_reuse=False`) and once
+per prefix-reuse variant ("layers": start layer only; "g4"/"g8": also 4/8 position groups;
+"auto": the default, `auto_position_groups`), the
+variants interleaved (A B C A B C ...) so machine noise hits all of them. Results are checked to
+agree (max abs diff) before timing. Writes JSON after every point and a markdown table at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+
+import numpy as np
+
+from harness import machine, matmul_roofline, write_rows
+from patching_throughput import GPT2_SMALL, make_pairs, random_params
+
+from jaxcirc.model import Model
+from jaxcirc.models.config import ModelConfig
+from jaxcirc.patching import patch_sweep
+
+SMOLLM2_SHAPE = ModelConfig(family="llama", n_layers=30, d_model=576, n_heads=9, n_kv_heads=3, d_head=64,
+                            d_mlp=1536, d_vocab=49152, n_ctx=8192, norm="rmsnorm", activation="silu",
+                            gated_mlp=True, positional="rotary", rope={"theta": 100000.0, "rotary_dim": 64},
+                            tied_embeddings=True)
+VARIANTS = {"full": dict(prefix_reuse=False), "layers": dict(position_groups=1), "g4": dict(position_groups=4),
+            "g8": dict(position_groups=8), "auto": dict()}
+
+
+def forward_flops(cfg: ModelConfig, pos: int) -> float:
+    """FLOPs of one forward of one sequence, logits at one position (matmuls only)."""
+    attn_proj = 2 * pos * cfg.d_model * cfg.d_head * (2 * cfg.n_heads + 2 * cfg.n_kv_heads)
+    attn_mix = 2 * 2 * cfg.n_heads * pos * pos * cfg.d_head
+    mlp = 2 * pos * cfg.d_model * cfg.d_mlp * (3 if cfg.gated_mlp else 2)
+    return cfg.n_layers * (attn_proj + attn_mix + mlp) + 2 * cfg.d_model * cfg.d_vocab
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", choices=("gpt2-small-shape", "smollm2-shape"), default="gpt2-small-shape")
+    parser.add_argument("--batches", default="8")
+    parser.add_argument("--pos", default="16")
+    parser.add_argument("--layers", default=None, help="comma list of depths (default: the model's)")
+    parser.add_argument("--variants", default="full,layers,g4")
+    parser.add_argument("--sites", default="resid_pre,z")
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--out", default="prefix_reuse.json")
+    args = parser.parse_args()
+    base = GPT2_SMALL if args.model == "gpt2-small-shape" else SMOLLM2_SHAPE
+    depths = [base.n_layers] if args.layers is None else [int(x) for x in args.layers.split(",")]
+    variants = {k: VARIANTS[k] for k in args.variants.split(",")}
+    sweeps = {"resid_pre": ("layer", "pos"), "z": ("layer", "head")}
+    meta = machine() | {"roofline_gflops": matmul_roofline(), "command": " ".join(os.sys.argv)}
+    print(f"roofline {meta['roofline_gflops']:.0f} GFLOP/s, load {os.getloadavg()[0]:.1f}", flush=True)
+    rows = []
+    for n_layers in depths:
+        cfg = base.replace(n_layers=n_layers)
+        model = Model(cfg, random_params(cfg))
+        for batch in (int(x) for x in args.batches.split(",")):
+            for pos in (int(x) for x in args.pos.split(",")):
+                pairs = make_pairs(batch, pos, cfg.d_vocab)
+                for site in args.sites.split(","):
+                    by = sweeps[site]
+                    todo = {k: v for k, v in variants.items() if not (site == "z" and (k.startswith("g") or k == "auto"))}
+                    results, first = {}, {}
+                    for name, options in todo.items():
+                        start = time.perf_counter()
+                        results[name] = patch_sweep(model, pairs, site, by, **options)
+                        first[name] = time.perf_counter() - start
+                    ref = results[next(iter(results))].per_pair
+                    times = {k: [] for k in todo}
+                    for _ in range(args.repeats):
+                        for name, options in todo.items():
+                            start = time.perf_counter()
+                            patch_sweep(model, pairs, site, by, **options)
+                            times[name].append(time.perf_counter() - start)
+                    n = results[next(iter(results))].n_patches
+                    full_s = statistics.median(times["full"]) if "full" in times else None
+                    for name in todo:
+                        median = statistics.median(times[name])
+                        row = {"model": args.model, "n_layers": n_layers, "batch": batch, "pos": pos,
+                               "site": site, "by": list(by), "variant": name, "n_patches": n,
+                               "first_s": first[name], "median_s": median, "patches_per_s": n / median,
+                               "speedup_vs_full": None if full_s is None else full_s / median,
+                               # Full-forward FLOPs per second: what the patches would cost without reuse.
+                               "full_forward_equiv_gflops": n * batch * forward_flops(cfg, pos) / median / 1e9,
+                               "max_abs_diff_vs_first": float(np.nanmax(np.abs(results[name].per_pair - ref))),
+                               "load": os.getloadavg()[0]}
+                        rows.append(row)
+                        print(f"L{n_layers} b{batch} p{pos} {site:9s} {name:6s}: {row['patches_per_s']:8.2f} patches/s "
+                              f"(x{row['speedup_vs_full'] or 1:.2f} vs full; first {first[name]:.0f} s; "
+                              f"diff {row['max_abs_diff_vs_first']:.1e}; load {row['load']:.1f})", flush=True)
+                    write_rows(args.out, rows, meta)
+    with open(os.path.splitext(args.out)[0] + ".md", "w") as f:
+        f.write(f"roofline {meta['roofline_gflops']:.0f} GFLOP/s; command: `{meta['command']}`\n\n")
+        f.write("| model | layers | batch x pos | site | variant | patches/s | vs full | full-forward-equivalent GFLOP/s | load |\n")
+        f.write("|---|---|---|---|---|---|---|---|---|\n")
+        for r in rows:
+            f.write(f"| {r['model']} | {r['n_layers']} | {r['batch']} x {r['pos']} | {r['site']} | {r['variant']} | "
+                    f"{r['patches_per_s']:.2f} | {r['speedup_vs_full'] or 1:.2f}x | "
+                    f"{r['full_forward_equiv_gflops']:.0f} | {r['load']:.1f} |\n")
+
+
+if __name__ == "__main__":
+    main()
