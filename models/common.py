@@ -121,11 +121,13 @@ def apply_rope(x: Array, cos: Array, sin: Array, interleaved: bool = False) -> A
     return jnp.concatenate([x_rot * cos + rotated * sin, x_pass], axis=-1)
 
 
-def attention_mask(cfg: ModelConfig, pos: int, local_window: Array | None = None) -> Array:
-    """[pos, pos] bool: may query i attend to key j. Causal, narrowed by `cfg.attention_window`
-    (global prefix + local window) and by a layer's sliding `local_window` (0 = unlimited)."""
-    i = jnp.arange(pos)[:, None]
-    j = jnp.arange(pos)[None, :]
+def attention_mask(cfg: ModelConfig, n_q: int, local_window: Array | None = None, n_k: int | None = None) -> Array:
+    """[n_q, n_k] bool: may query i attend to key j. The queries are the last n_q of the n_k
+    positions (n_k defaults to n_q). Causal, narrowed by `cfg.attention_window` (global prefix +
+    local window) and by a layer's sliding `local_window` (0 = unlimited)."""
+    n_k = n_q if n_k is None else n_k
+    i = jnp.arange(n_q)[:, None] + (n_k - n_q)
+    j = jnp.arange(n_k)[None, :]
     allowed = j <= i
     window = cfg.attention_window
     if window is not None:
@@ -198,13 +200,17 @@ class Attention(nnx.Module):
 
     def __call__(self, q_in: Array, k_in: Array, v_in: Array, hook=_no_hook,
                  rope: tuple[Array, Array] | None = None, position_ids: Array | None = None,
-                 local_window: Array | None = None) -> Array:
+                 local_window: Array | None = None, prefix_kv: tuple[Array, Array] | None = None) -> Array:
         """Inputs [batch, pos, d_model] (or per head [batch, pos, head, d_model]) -> [batch, pos, d_model].
 
         `position_ids` [batch, pos] are needed only for a distance cap (`cfg.attention_window`) and
         ALiBi (default 0..pos-1); `local_window` is this layer's sliding window (int scalar, 0 = full
         attention). hook_attn_scores are the logits the softmax sees: scaled, soft-capped, plus
-        ALiBi's slope_h * (pos_k - pos_q), masked entries at float32 min."""
+        ALiBi's slope_h * (pos_k - pos_q), masked entries at float32 min.
+
+        `prefix_kv`: rotated keys and values of earlier positions, each [batch, offset, kv_head,
+        d_head]; the inputs are then the positions after them (resuming a forward part-way, as
+        `models.resume` does; not with ALiBi or a distance cap)."""
         cfg = self.cfg
         q = hook("attn.hook_q", self._project(q_in, self.W_Q[...], None if self.b_Q is None else self.b_Q[...]))
         k = hook("attn.hook_k", self._project(k_in, self.W_K[...], None if self.b_K is None else self.b_K[...]))
@@ -213,10 +219,16 @@ class Attention(nnx.Module):
         if rope is not None:
             q = hook("attn.hook_rot_q", apply_rope(q, *rope, interleaved=cfg.rope.interleaved))
             k = hook("attn.hook_rot_k", apply_rope(k, *rope, interleaved=cfg.rope.interleaved))
+        if prefix_kv is not None:
+            if cfg.positional == "alibi" or (cfg.attention_window and cfg.attention_window.max_distance is not None):
+                raise ValueError("prefix_kv needs index-based masks; ALiBi and distance caps need every position id.")
+            k = jnp.concatenate([prefix_kv[0].astype(k.dtype), k], axis=1)
+            v = jnp.concatenate([prefix_kv[1].astype(v.dtype), v], axis=1)
         batch, pos = q.shape[:2]
+        n_k = k.shape[1]
         g = cfg.group_size
         scores = self._scores(q, k)
-        allowed = attention_mask(cfg, pos, local_window)
+        allowed = attention_mask(cfg, pos, local_window, n_k)
         window = cfg.attention_window
         if window is not None and window.max_distance is not None:
             # Rotary logits depend on the distance only: q rotated by the cap against an unrotated
@@ -232,7 +244,7 @@ class Attention(nnx.Module):
         scores = hook("attn.hook_attn_scores", scores.astype(q.dtype))
         pattern = jax.nn.softmax(scores.astype(jnp.float32), axis=-1)
         pattern = hook("attn.hook_pattern", pattern.astype(q.dtype))
-        pg = pattern.reshape(batch, cfg.n_kv_heads, g, pos, pos)
+        pg = pattern.reshape(batch, cfg.n_kv_heads, g, pos, n_k)
         z = jnp.einsum("bngqk,bknd->bqngd", pg, v).reshape(batch, pos, cfg.n_heads, cfg.d_head)
         z = hook("attn.hook_z", z)
         if hook is not _no_hook and hook.uses("attn.hook_result"):
@@ -305,11 +317,13 @@ class Block(nnx.Module):
         return tuple(inputs)
 
     def __call__(self, x: Array, hook=_no_hook, rope: tuple[Array, Array] | None = None,
-                 position_ids: Array | None = None, local_window: Array | None = None) -> Array:
+                 position_ids: Array | None = None, local_window: Array | None = None,
+                 prefix_kv: tuple[Array, Array] | None = None) -> Array:
         """x: residual stream [batch, pos, d_model] -> [batch, pos, d_model]. `position_ids`
-        [batch, pos] and this layer's `local_window` as in `Attention`."""
+        [batch, pos], this layer's `local_window` and `prefix_kv` as in `Attention`."""
         resid_pre = hook("hook_resid_pre", x)
-        attn_out = self.attn(*self._attention_inputs(resid_pre, hook), hook, rope, position_ids, local_window)
+        attn_out = self.attn(*self._attention_inputs(resid_pre, hook), hook, rope, position_ids, local_window,
+                             prefix_kv)
         if self.ln1_post is not None:
             attn_out = self.ln1_post(attn_out, hook, "ln1_post")
         attn_out = hook("hook_attn_out", attn_out)

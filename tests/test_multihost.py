@@ -19,7 +19,6 @@ from jaxcirc.model import Model
 from jaxcirc.models.config import ModelConfig
 from jaxcirc.models.transformer import init_params
 from jaxcirc.multihost import gather_parts, write_part
-from jaxcirc.pairs import from_tokens
 from jaxcirc.patching import patch_sweep
 
 ROOT = Path(__file__).resolve().parents[1]

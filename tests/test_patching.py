@@ -38,6 +38,13 @@ CONFIGS = {
                           n_ctx=32, norm="layernorm", activation="gelu", parallel_residual=True,
                           positional="rotary", rope=RopeConfig(theta=10000.0, rotary_dim=2), tied_embeddings=False,
                           qkv_bias=True, o_bias=True, mlp_bias=True),
+    # Gemma-2-style switches the resumed forward must reproduce: post-norms, soft caps, a query
+    # scale, a sliding window in layer 0 (2 tokens) and interleaved rotary.
+    "gemma_like": ModelConfig(family="llama", n_layers=2, d_model=24, n_heads=4, n_kv_heads=2, d_head=6, d_mlp=48,
+                              d_vocab=VOCAB, n_ctx=32, norm="rmsnorm", activation="gelu_pytorch_tanh",
+                              gated_mlp=True, positional="rotary",
+                              rope=RopeConfig(theta=10000.0, rotary_dim=6, interleaved=True), post_norms=True,
+                              query_scale=0.3, attn_softcap=2.0, final_softcap=5.0, layer_windows=(2, 0)),
 }
 
 
@@ -319,6 +326,7 @@ PREFIX_CASES = [
     ("llama", "resid_pre", ("layer", "pos"), "noising", "pos_mean"),
     ("llama", "z", ("layer", "head"), "denoising", "resample"),
     ("pythia", "z", ("layer", "head", "pos"), "noising", "zero"),
+    ("gemma_like", "resid_pre", ("layer", "pos"), "denoising", "resample"),
 ]
 
 
