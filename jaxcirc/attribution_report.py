@@ -101,8 +101,12 @@ def _pearson(a: np.ndarray, b: np.ndarray) -> float:
 
 def attribute_command(model_name: str, pairs_file: str | Path, out_dir: str | Path, *, method: str = "atp",
                       metric: str = "logit_diff", steps: int = 5, max_pairs: int | None = None,
-                      batch_size: int | None = 8, validate: bool = False, overwrite: bool = False) -> Path:
+                      batch_size: int | None = 8, validate: bool = False, overwrite: bool = False,
+                      budget: str | int | None = None, mesh: str | None = None) -> Path:
     """Attribution over the pairs of `pairs_file` by `method` (atp | atp-star | eap | eap-ig).
+
+    budget: bytes per device (or '2GiB') choosing the pairs per chunk (instead of `batch_size`);
+    mesh: 'auto' | 'D' | 'DxM' (pairs over data, weights over model).
 
     `validate` (AtP methods) also runs exact head patching (noising) and reports the Pearson
     correlation between the attribution and the exact effects over heads.
@@ -110,13 +114,18 @@ def attribute_command(model_name: str, pairs_file: str | Path, out_dir: str | Pa
     from jaxcirc.attribution import atp
     from jaxcirc.eap import eap
     from jaxcirc.loading import load
+    from jaxcirc.memory import parse_bytes
     from jaxcirc.rundir import write_run
+    from jaxcirc.sharding import mesh_from_spec
 
     if method not in ATTRIBUTION_METHODS:
         raise ValueError(f"Unknown method {method!r}; choose from {', '.join(ATTRIBUTION_METHODS)}.")
     model = load(model_name)
     pairs, report = load_pairs(model, pairs_file, max_pairs)
     cfg, params = model.config, model.params
+    scale = dict(mesh=mesh_from_spec(mesh), memory_budget_bytes=None if budget is None else parse_bytes(budget))
+    if budget is not None:
+        batch_size = None  # the budget picks the chunk size
     scalars: dict[str, Any] = {"n_pairs": len(pairs)}
     figures, lines = {}, [f"# Attribution ({method}) on `{model_name}`", "",
                           f"Pairs `{pairs_file}`: {len(pairs)} used ({report.summary()}); metric {metric}. "
@@ -125,7 +134,7 @@ def attribute_command(model_name: str, pairs_file: str | Path, out_dir: str | Pa
     if method in ("atp", "atp-star"):
         star = method == "atp-star"
         result = atp(cfg, params, pairs, metric=metric, sites=("head", "mlp_out", "resid_pre"),
-                     qk_fix=star, grad_drop=star, batch_size=batch_size)
+                     qk_fix=star, grad_drop=star, batch_size=batch_size, **scale)
         arrays = result.arrays()
         config = {"model": model_name, "pairs": str(pairs_file), "max_pairs": max_pairs, "method": method,
                   "metric": metric, **{k: v for k, v in result.metadata.items() if isinstance(v, (str, int, float, bool))}}
@@ -146,7 +155,7 @@ def attribute_command(model_name: str, pairs_file: str | Path, out_dir: str | Pa
                       f"Pearson r between {method} head scores and exact head-output patching (noising, "
                       f"{exact.n_patches} patched forwards): **{r:.3f}**.", ""]
     else:
-        result = eap(cfg, params, pairs, metric=metric, method=method, steps=steps, batch_size=batch_size)
+        result = eap(cfg, params, pairs, metric=metric, method=method, steps=steps, batch_size=batch_size, **scale)
         arrays = {"edge_scores": (np.asarray(result.scores), ("src", "dst"))}
         config = {"model": model_name, "pairs": str(pairs_file), "max_pairs": max_pairs, "method": method,
                   "metric": metric, "steps": result.steps, "src_names": list(result.graph.node_names),

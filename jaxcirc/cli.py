@@ -460,12 +460,14 @@ def attribute(model: ModelArg, pairs: PairsOpt, out: OutOpt,
               max_pairs: Annotated[int | None, typer.Option(help="Use at most this many pairs.")] = None,
               batch_size: Annotated[int, typer.Option(help="Pairs per compiled batch.")] = 8,
               validate: Annotated[bool, typer.Option(help="AtP: also run exact head patching and report the correlation.")] = False,
+              budget: Annotated[str | None, typer.Option(help="Memory per device, e.g. 2GiB: picks the pairs per chunk (overrides --batch-size).")] = None,
+              mesh: Annotated[str | None, typer.Option(help="auto, DATA or DATAxMODEL (e.g. 4x2): shard pairs over data, weights over model.")] = None,
               overwrite: OverwriteOpt = False) -> None:
     """Attribution patching (AtP, AtP*) or edge attribution (EAP, EAP-IG) over minimal pairs."""
     from jaxcirc.attribution_report import attribute_command
 
     _done(attribute_command(model, pairs, out, method=method, metric=metric, steps=steps, max_pairs=max_pairs,
-                            batch_size=batch_size, validate=validate, overwrite=overwrite))
+                            batch_size=batch_size, validate=validate, overwrite=overwrite, budget=budget, mesh=mesh))
 
 
 @app.command()

@@ -88,3 +88,5 @@ def test_bad_requests_exit_2(setup):
     assert invoke("compare", root / "nothing.json", "--out", root / "z").exit_code == 2
     tight = invoke("patch", model_dir, "--pairs", pairs, "--budget", "1KiB", "--out", root / "tight")
     assert tight.exit_code == 2 and "needs" in tight.output and "budget is 1024 bytes" in tight.output
+    tight = invoke("attribute", model_dir, "--pairs", pairs, "--budget", "1KiB", "--out", root / "tight_atp")
+    assert tight.exit_code == 2 and "needs" in tight.output and not (root / "tight_atp").exists()
