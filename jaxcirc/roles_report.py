@@ -277,6 +277,10 @@ def analyse_model(model: Any, label: str, *, pairs_per_role: int, roles: Sequenc
     cfg = model.config
     rs = default_role_set(model.tokenizer) if role_set == "auto" else role_set
     rp = build_role_pairs(model, rs, pairs_per_role=pairs_per_role, role_names=roles, seed=seed)
+    if not rp.roles:
+        raise ValueError(f"{label}: no role has a minimal pair the model gets right in both contexts "
+                         f"(pair counts before filtering: {pairs_per_role} per role); the model is too weak "
+                         "for the role analysis (train it longer) or the roles were filtered out.")
     layout = EdgeLayout.canonical(cfg)
     chunks = Chunks.for_model(cfg, max(rp.counts().values()), batch_size)
     results = {}
