@@ -78,7 +78,7 @@ def device_budget(device: jax.Device | None = None, fraction: float = ACCELERATO
     stats = None
     try:
         stats = device.memory_stats()
-    except (AttributeError, NotImplementedError, RuntimeError):
+    except (AttributeError, NotImplementedError, RuntimeError):  # CPU and some backends keep no stats
         stats = None
     if stats and "bytes_limit" in stats:
         free = int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0))
@@ -95,7 +95,7 @@ def compiled_bytes(fn: Callable[..., Any], *args: Any, static_argnames: tuple[st
     try:
         compiled = jax.jit(fn, static_argnames=static_argnames).lower(*args, **kwargs).compile()
         stats = compiled.memory_analysis()
-    except (NotImplementedError, AttributeError):
+    except (NotImplementedError, AttributeError):  # no memory analysis here: callers use the analytic estimate
         return None
     if stats is None:
         return None
