@@ -10,7 +10,10 @@ difference. FLOPs the method needs = 3 forwards (corrupted forward, clean forwar
 backward w.r.t. activations only, which costs one forward: no weight gradients), each forward
 counting every matmul (projections, the full pos x pos attention square, MLP) and the
 unembedding at the metric position only (`prefix_reuse.forward_flops`). Roofline = the fp32
-matmul micro-benchmark of the same run. Writes JSON after every point and a markdown table.
+matmul micro-benchmark of the same run (2048^3). "Ceiling" = the same run's forward + backward
+through the model's dense matmuls alone at the same number of rows
+(`harness.matmul_chain_ceiling`): the rate small matmuls reach on this machine. Writes JSON
+after every point and a markdown table.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from harness import machine, matmul_roofline, time_call, write_rows  # noqa: E402
+from harness import machine, matmul_chain_ceiling, matmul_roofline, time_call, write_rows  # noqa: E402
 from patching_throughput import GPT2_SMALL, make_pairs, random_params  # noqa: E402
 from prefix_reuse import SMOLLM2_SHAPE, forward_flops  # noqa: E402
 
@@ -55,21 +58,26 @@ def main() -> None:
                 run = lambda: jnp.asarray(atp(cfg, params, pairs, sites=("head", "mlp_out", "resid_pre"))["head"])
                 t = time_call(run, repeats=args.repeats)
                 flops = 3 * batch * forward_flops(cfg, pos)
+                ceiling = matmul_chain_ceiling(cfg, batch * pos)
                 row = {"model": args.model, "n_layers": n_layers, "batch": batch, "pos": pos,
                        "first_s": t["first_s"], "median_s": t["median_s"], "pairs_per_s": batch / t["median_s"],
                        "needed_gflop": flops / 1e9, "gflops": flops / t["median_s"] / 1e9,
-                       "roofline_fraction": flops / t["median_s"] / 1e9 / roofline, "load": os.getloadavg()[0]}
+                       "roofline_fraction": flops / t["median_s"] / 1e9 / roofline, "ceiling_gflops": ceiling,
+                       "ceiling_fraction": flops / t["median_s"] / 1e9 / ceiling, "load": os.getloadavg()[0]}
                 rows.append(row)
                 print(f"L{n_layers} b{batch} p{pos}: {row['median_s'] * 1e3:.0f} ms = {row['pairs_per_s']:.2f} pairs/s, "
-                      f"{row['gflops']:.0f} GFLOP/s = {100 * row['roofline_fraction']:.0f}% of roofline "
+                      f"{row['gflops']:.0f} GFLOP/s = {100 * row['roofline_fraction']:.0f}% of roofline, "
+                      f"{100 * row['ceiling_fraction']:.0f}% of the {ceiling:.0f} GFLOP/s same-shape ceiling "
                       f"(load {row['load']:.1f})", flush=True)
                 write_rows(args.out, rows, meta)
     with open(os.path.splitext(args.out)[0] + ".md", "w") as f:
         f.write(f"roofline {roofline:.0f} GFLOP/s; command: `{meta['command']}`\n\n")
-        f.write("| model | layers | batch x pos | ms | pairs/s | GFLOP/s | roofline | load |\n|---|---|---|---|---|---|---|---|\n")
+        f.write("| model | layers | batch x pos | ms | pairs/s | GFLOP/s | roofline | ceiling GFLOP/s | of ceiling "
+                "| load |\n|---|---|---|---|---|---|---|---|---|---|\n")
         for r in rows:
             f.write(f"| {r['model']} | {r['n_layers']} | {r['batch']} x {r['pos']} | {r['median_s'] * 1e3:.0f} | "
-                    f"{r['pairs_per_s']:.2f} | {r['gflops']:.0f} | {100 * r['roofline_fraction']:.0f}% | {r['load']:.1f} |\n")
+                    f"{r['pairs_per_s']:.2f} | {r['gflops']:.0f} | {100 * r['roofline_fraction']:.0f}% | "
+                    f"{r['ceiling_gflops']:.0f} | {100 * r['ceiling_fraction']:.0f}% | {r['load']:.1f} |\n")
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ GPT2_SMALL = ModelConfig(family="gpt2", n_layers=12, d_model=768, n_heads=12, d_
 
 
 def random_params(cfg: ModelConfig, seed: int = 0) -> dict:
-    """N(0, 0.02^2) weights, unit norm weights (drawn with NumPy: no compile per shape)."""
+    """N(0, 0.02^2) weights, unit norm weights (drawn with NumPy: no compile per shape), on the device."""
     rng = np.random.default_rng(seed)
 
     def draw(path, leaf):
@@ -39,7 +39,8 @@ def random_params(cfg: ModelConfig, seed: int = 0) -> dict:
             return np.ones(leaf.shape, np.float32)
         return 0.02 * rng.standard_normal(leaf.shape, np.float32)
 
-    return jax.tree_util.tree_map_with_path(draw, param_shapes(cfg))
+    # On the device once: NumPy leaves would be copied to it again on every jitted call.
+    return jax.device_put(jax.tree_util.tree_map_with_path(draw, param_shapes(cfg)))
 
 
 def make_pairs(batch: int, pos: int, vocab: int, seed: int = 0):

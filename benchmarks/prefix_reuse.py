@@ -6,10 +6,9 @@
 
 GPT-2-small shape (random init; `--layers` changes the depth only) or `--model smollm2-shape`.
 For each (batch, pos, layers) point it runs the resid_pre sweep by (layer, pos) and the head
-sweep (attn.hook_z) by (layer, head), once with full forwards (`prefix_reuse=False`) and once
-per prefix-reuse variant ("layers": start layer only; "g4"/"g8": also 4/8 position groups;
-"auto": the default, `auto_position_groups`), the
-variants interleaved (A B C A B C ...) so machine noise hits all of them. Results are checked to
+sweep (attn.hook_z) by (layer, head), with full forwards (`prefix_reuse=False`) and with prefix
+reuse (the default: start layer, packed position suffixes, last block at the metric position),
+interleaved (A B A B ...) so machine noise hits both. Results are checked to
 agree (max abs diff) before timing. Writes JSON after every point and a markdown table at the end.
 """
 
@@ -33,8 +32,7 @@ SMOLLM2_SHAPE = ModelConfig(family="llama", n_layers=30, d_model=576, n_heads=9,
                             d_mlp=1536, d_vocab=49152, n_ctx=8192, norm="rmsnorm", activation="silu",
                             gated_mlp=True, positional="rotary", rope={"theta": 100000.0, "rotary_dim": 64},
                             tied_embeddings=True)
-VARIANTS = {"full": dict(prefix_reuse=False), "layers": dict(position_groups=1), "g4": dict(position_groups=4),
-            "g8": dict(position_groups=8), "auto": dict()}
+VARIANTS = {"full": dict(prefix_reuse=False), "reuse": dict()}
 
 
 def forward_flops(cfg: ModelConfig, pos: int) -> float:
@@ -51,7 +49,7 @@ def main() -> None:
     parser.add_argument("--batches", default="8")
     parser.add_argument("--pos", default="16")
     parser.add_argument("--layers", default=None, help="comma list of depths (default: the model's)")
-    parser.add_argument("--variants", default="full,layers,g4")
+    parser.add_argument("--variants", default="full,reuse")
     parser.add_argument("--sites", default="resid_pre,z")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--out", default="prefix_reuse.json")
@@ -71,22 +69,21 @@ def main() -> None:
                 pairs = make_pairs(batch, pos, cfg.d_vocab)
                 for site in args.sites.split(","):
                     by = sweeps[site]
-                    todo = {k: v for k, v in variants.items() if not (site == "z" and (k.startswith("g") or k == "auto"))}
                     results, first = {}, {}
-                    for name, options in todo.items():
+                    for name, options in variants.items():
                         start = time.perf_counter()
                         results[name] = patch_sweep(model, pairs, site, by, **options)
                         first[name] = time.perf_counter() - start
                     ref = results[next(iter(results))].per_pair
-                    times = {k: [] for k in todo}
+                    times = {k: [] for k in variants}
                     for _ in range(args.repeats):
-                        for name, options in todo.items():
+                        for name, options in variants.items():
                             start = time.perf_counter()
                             patch_sweep(model, pairs, site, by, **options)
                             times[name].append(time.perf_counter() - start)
                     n = results[next(iter(results))].n_patches
                     full_s = statistics.median(times["full"]) if "full" in times else None
-                    for name in todo:
+                    for name in variants:
                         median = statistics.median(times[name])
                         row = {"model": args.model, "n_layers": n_layers, "batch": batch, "pos": pos,
                                "site": site, "by": list(by), "variant": name, "n_patches": n,

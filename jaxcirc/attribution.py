@@ -60,9 +60,9 @@ import numpy as np
 
 from jaxcirc.hooks import Hooks, Intervention, add
 from jaxcirc.memory import batch_for_budget, device_bytes, grad_sequence_bytes
-from jaxcirc.metrics import Metric, get_metric, metric_name
+from jaxcirc.metrics import Metric, answer_foil_columns, get_metric, metric_name
 from jaxcirc.models import hook_points
-from jaxcirc.models.common import alibi_bias, attention_mask
+from jaxcirc.models.common import alibi_bias, causal_mask
 from jaxcirc.models.config import ModelConfig
 from jaxcirc.models.transformer import make_forward
 from jaxcirc.pairs import MinimalPairs
@@ -213,7 +213,7 @@ def _scores(cfg: ModelConfig, q: Array, k: Array) -> Array:
     if cfg.positional == "alibi":
         s = s + alibi_bias(cfg.n_heads, jnp.arange(pos)[None])[0]
     windows = cfg.layer_windows or (0,) * q.shape[0]
-    allowed = jnp.stack([attention_mask(cfg, pos, jnp.int32(w)) for w in windows])  # [layer, s, t]
+    allowed = jnp.stack([causal_mask(cfg, pos, jnp.int32(w)) for w in windows])  # [layer, s, t]
     return jnp.where(allowed[:, None, None], s, -jnp.inf)
 
 
@@ -300,6 +300,7 @@ def _atp_chunk_impl(params, pairs: MinimalPairs, weight: Array, base: dict[str, 
                                logits_at=pairs.position)
     dtype = jnp.dtype(cfg.dtype)
     zeros = {t: zeros_for(cfg, t, batch, pos, dtype) for t in grad_templates}
+    columns, metric_pairs = answer_foil_columns(metric, pairs)  # logit_diff: unembed two columns only
 
     def gradients(drop_layer=None, held=None, cache_names=()):
         def metric_sum(deltas):
@@ -319,8 +320,8 @@ def _atp_chunk_impl(params, pairs: MinimalPairs, weight: Array, base: dict[str, 
                         interventions[name] = Intervention(held[t][l], jnp.reshape(drop_layer == l, (1, 1, 1)),
                                                            None if prev is None else prev.add)
             logits, cache = forward(params, pairs.clean, Hooks(interventions, cache=cache_names),
-                                    logits_at=pairs.position)
-            return metric(logits, pairs, jax.lax.stop_gradient(logits)).sum(), cache
+                                    logits_at=pairs.position, logits_columns=columns)
+            return metric(logits, metric_pairs, jax.lax.stop_gradient(logits)).sum(), cache
         return jax.grad(metric_sum, has_aux=True)(zeros)
 
     grads, clean_cache = gradients(cache_names=names(clean_templates))

@@ -10,6 +10,7 @@ run's (only `kl` uses them). Everything is computed in float32.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any, Literal
 
@@ -58,6 +59,17 @@ def kl(logits: Array, pairs: MinimalPairs, clean_logits: Array) -> Array:
     # xlogy-style: terms with p = 0 contribute 0 even if log q is -inf.
     terms = jnp.where(log_p > -jnp.inf, jnp.exp(log_p) * (log_p - log_q), 0.0)
     return terms.sum(axis=-1)
+
+
+def answer_foil_columns(metric: Metric, pairs: MinimalPairs) -> tuple[Array | None, MinimalPairs]:
+    """For a metric that reads only the answer and foil logits (`logit_diff`): the token ids
+    [batch, 2] to unembed and pairs whose answer / foil index those two columns, so a caller can
+    skip the rest of the unembedding; for any other metric (None, pairs)."""
+    if metric is not logit_diff:
+        return None, pairs
+    n = len(pairs)
+    return (jnp.stack([pairs.answer, pairs.foil], axis=1).astype(jnp.int32),
+            dataclasses.replace(pairs, answer=jnp.zeros(n, jnp.int32), foil=jnp.ones(n, jnp.int32)))
 
 
 METRICS: dict[str, Metric] = {

@@ -24,8 +24,8 @@ program; the clean and corrupted baselines run in the same program. Chunk size c
 `max_patches_per_chunk` or from `memory_budget_bytes` and `estimate_patch_bytes`.
 With `prefix_reuse` (the default) a patch at layer l starts from the unpatched run's residual
 before layer l instead of running layers < l again, and a patch at position p recomputes only
-the positions of its position group's suffix (>= p), reading earlier keys/values from the
-unpatched run (`models/resume.py`); chunks then share a start layer and a position group.
+positions >= p, reading earlier keys/values from the unpatched run; the suffixes from p and from
+pos - 1 - p share one row (`models/resume.py`), and chunks share a start layer.
 
 Padding: a patch at a position beyond a pair's real length patches nothing for that pair and is
 not counted: per-pair values there are NaN and the mean is over the pairs that have the position
@@ -51,10 +51,10 @@ import numpy as np
 from jaxcirc.hook_plan import HookContext, make_plan
 from jaxcirc.hooks import Hooks, replace
 from jaxcirc.memory import device_budget, device_bytes, plan_chunks
-from jaxcirc.metrics import Metric, get_metric, metric_name, normalise
+from jaxcirc.metrics import Metric, answer_foil_columns, get_metric, metric_name, normalise
 from jaxcirc.models import hook_points
 from jaxcirc.models.config import ModelConfig
-from jaxcirc.models.resume import final_logits, run_from_layer, supports_resume
+from jaxcirc.models.resume import final_logits, packed_pair, run_from_layer, supports_resume, whole
 from jaxcirc.models.transformer import make_forward
 from jaxcirc.pairs import MinimalPairs
 from jaxcirc.sharding import DATA, place, to_host
@@ -110,7 +110,7 @@ class PatchResult:
     direction: str
     source: str
     n_patches: int
-    chunk_size: int
+    chunk_size: int  # patched forwards per chunk (with prefix reuse: rows, up to two patches each)
     n_chunks: int
 
     @property
@@ -307,92 +307,79 @@ _compiled_sweep = jax.jit(_sweep_program, static_argnames=("cfg", "spec", "metri
 # ---------------------------------------------------------------------------- prefix reuse
 # A patch at layer l, position p changes nothing before layer l, nor (causal attention) at
 # positions < p. The resumed program starts each patch from the unpatched run's residual before
-# layer l and recomputes only positions >= `offset` (the patch's position group), reading the
-# keys/values of earlier positions from the unpatched run. Patches are grouped so that a chunk
-# shares its start layer (a traced scalar: one program serves every layer) and a position group
-# (static: one copy of the block per group). Exact: the tests compare it with the full forwards.
-
-# Automatic position groups: the most groups (of 1, 2, 4, 8, 16) that keep at least this many
-# tokens in the smallest vmapped chunk (patches per group x pairs x shortest suffix). Smaller
-# chunks are dominated by per-layer overhead on CPU: measured on 2 cores, GPT-2-small shape x 16
-# tokens, 4 groups ran 1.4x faster than none at 8 pairs but 0.65x at 1 pair.
-MIN_CHUNK_TOKENS = 128
+# layer l and, when the sweep is by position, recomputes only positions >= p, reading the
+# keys/values of earlier positions from the unpatched run. The suffixes from p and from
+# pos - 1 - p together fill one row of pos + 1 slots (`models.resume.packed_pair`), so every row
+# has the same length and no slot is wasted. A chunk of rows shares its start layer (a traced
+# scalar: one program serves every layer). Exact: the tests compare it with the full forwards.
 
 
-def auto_position_groups(batch: int, pos: int) -> int:
-    """Position groups for `patch_sweep(position_groups=None)` (see MIN_CHUNK_TOKENS)."""
-    groups = 1
-    for g in (2, 4, 8, 16):
-        if g <= pos and batch * math.ceil(pos / g) ** 2 >= MIN_CHUNK_TOKENS:
-            groups = g
-    return groups
+def packs_positions(spec: SiteSpec) -> bool:
+    """Whether the resumed sweep packs position suffixes (the patches select one position each)."""
+    return "pos" in spec.by and "pos" in spec.dims
 
 
-def _position_offsets(spec: SiteSpec, pos: int, position_groups: int) -> tuple[int, ...]:
-    """Suffix starts of the position groups: 0 only when patches do not select a position."""
-    if "pos" not in spec.by or "pos" not in spec.dims or position_groups <= 1:
-        return (0,)
-    groups = min(position_groups, pos)
-    return tuple(sorted({k * pos // groups for k in range(groups)}))
+def resume_schedule(table: np.ndarray, spec: SiteSpec, n_layers: int, pos: int, limit: int
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Arrange patches (rows of `table` [n, len(by)]) in rows of the resumed program, grouped in
+    chunks of at most `limit` rows that share a start layer.
 
-
-def resume_schedule(table: np.ndarray, spec: SiteSpec, n_layers: int, offsets: tuple[int, ...],
-                    limit: int) -> tuple[tuple[int, ...], list[np.ndarray], list[np.ndarray], list[np.ndarray], int]:
-    """Group patches (rows of `table` [n, len(by)]) by position group and start layer.
-
-    Returns (offsets used, starts [n_chunks] per group, indices [n_chunks, chunk, len(by)] per
-    group, rows [n_chunks * chunk] per group (the table row of each slot, -1 for padding), the
-    largest chunk). Padding slots select nothing (layer -1); a patch that selects no layer runs
-    from the last layer with nothing patched, which is the unpatched run.
+    With position packing a row holds the patch at position p (first segment) and one at
+    pos - 1 - p (second segment), either missing when the table has none; otherwise a row is one
+    patch. Returns (starts [n_chunks] start layer, firsts [n_chunks, rows] each row's p,
+    indices [n_chunks, rows, segments, len(by)], slots [n_chunks, rows, segments] the table row
+    of each segment, -1 for none). Empty segments select nothing (layer -1); a patch that
+    selects no layer runs from the last layer with nothing patched: the unpatched run.
     """
     layer_j = spec.by.index("layer")
-    pos_j = spec.by.index("pos") if offsets != (0,) else None
     start = np.where(table[:, layer_j] >= 0, table[:, layer_j], n_layers - 1)
-    if pos_j is None:
-        group = np.zeros(len(table), np.int64)
+    rows: dict[int, list[tuple[int, list[int]]]] = {s: [] for s in range(n_layers)}
+    if packs_positions(spec):
+        at = np.maximum(table[:, spec.by.index("pos")], 0)
+        first = np.minimum(at, pos - 1 - at)
+        for s in range(n_layers):
+            for p in np.unique(first[start == s]):
+                here = (start == s) & (first == p)
+                lists = [np.flatnonzero(here & (at == p)), np.flatnonzero(here & (at != p))]
+                if p == pos - 1 - p:  # the middle position (odd pos) fills both segments
+                    both = np.flatnonzero(here)
+                    lists = [both[0::2], both[1::2]]
+                for k in range(max(len(lists[0]), len(lists[1]))):
+                    rows[s].append((int(p), [int(x[k]) if k < len(x) else -1 for x in lists]))
     else:
-        group = np.searchsorted(np.asarray(offsets), np.maximum(table[:, pos_j], 0), side="right") - 1
-    used, all_starts, all_indices, all_rows, widest = [], [], [], [], 1
-    for g, offset in enumerate(offsets):
-        in_group = np.flatnonzero(group == g)
-        if not len(in_group):
-            continue
-        by_start = [in_group[start[in_group] == s] for s in range(n_layers)]
-        chunk = min(limit, max(len(rows) for rows in by_start))
-        starts, indices, rows = [], [], []
-        for s, members in enumerate(by_start):
-            for i in range(0, len(members), chunk):
-                part = members[i:i + chunk]
-                block = np.full((chunk, table.shape[1]), -1, np.int32)
-                block[:len(part)] = table[part]
-                slots = np.full(chunk, -1, np.int64)
-                slots[:len(part)] = part
-                starts.append(s)
-                indices.append(block)
-                rows.append(slots)
-        used.append(offset)
-        all_starts.append(np.asarray(starts, np.int32))
-        all_indices.append(np.stack(indices))
-        all_rows.append(np.concatenate(rows))
-        widest = max(widest, chunk)
-    return tuple(used), all_starts, all_indices, all_rows, widest
+        for i, s in enumerate(start):
+            rows[int(s)].append((0, [i]))
+    segments = 2 if packs_positions(spec) else 1
+    chunk = min(limit, max(len(r) for r in rows.values()))
+    starts, firsts, indices, slots = [], [], [], []
+    for s, members in rows.items():
+        for i in range(0, len(members), chunk):
+            part = members[i:i + chunk]
+            part += [(0, [-1] * segments)] * (chunk - len(part))
+            starts.append(s)
+            firsts.append([p for p, _ in part])
+            slot = np.asarray([members for _, members in part], np.int64)
+            slots.append(slot)
+            indices.append(np.where(slot[..., None] >= 0, table[np.maximum(slot, 0)], -1))
+    return (np.asarray(starts, np.int32), np.asarray(firsts, np.int32), np.stack(indices).astype(np.int32),
+            np.stack(slots))
 
 
-def _resumed_sweep_program(params: Any, pairs: MinimalPairs, starts: tuple[Array, ...],
-                           indices: tuple[Array, ...], *, cfg: ModelConfig, spec: SiteSpec, metric: Metric,
-                           direction: str, source: str, offsets: tuple[int, ...]):
-    """The sweep with prefix reuse. Per position group g (suffix from offsets[g]): starts[g]
-    int32 [n_chunks] (start layer of each chunk), indices[g] int32 [n_chunks, chunk, len(by)].
+def _resumed_sweep_program(params: Any, pairs: MinimalPairs, starts: Array, firsts: Array, indices: Array, *,
+                           cfg: ModelConfig, spec: SiteSpec, metric: Metric, direction: str, source: str):
+    """The sweep with prefix reuse: starts int32 [n_chunks] (each chunk's start layer), firsts
+    int32 [n_chunks, rows], indices int32 [n_chunks, rows, segments, len(by)] (see resume_schedule).
 
-    Returns (clean_metric [pair], corrupt_metric [pair], (patched [n_chunks, chunk, pair], ...)).
+    Returns (clean_metric [pair], corrupt_metric [pair], patched [n_chunks, rows, segments, pair]).
     """
     forward = make_forward(cfg, jit=False)
     layers = cfg.n_layers
     batch, pos = pairs.clean.shape
+    packed = packs_positions(spec)
     need_source = source != "zero"
     k_template = "attn.hook_rot_k" if cfg.positional == "rotary" else "attn.hook_k"
     templates = ["hook_resid_pre"] + ([spec.template] if need_source else [])
-    if any(offsets):
+    if packed:
         templates += [k_template, "attn.hook_v"]
     both = jnp.concatenate([pairs.clean, pairs.corrupt])
     twice = jnp.concatenate([pairs.position, pairs.position])
@@ -403,6 +390,9 @@ def _resumed_sweep_program(params: Any, pairs: MinimalPairs, starts: tuple[Array
     corrupt_metric = metric(corrupt_logits, pairs, clean_logits)
     noising = direction == "noising"
     from_run, base_run = (slice(batch, None), slice(0, batch)) if noising else (slice(0, batch), slice(batch, None))
+    columns, metric_pairs = answer_foil_columns(metric, pairs)
+    if columns is not None:  # patched runs unembed only the columns the metric reads
+        clean_logits, corrupt_logits = (jnp.take_along_axis(x, columns, axis=1) for x in (clean_logits, corrupt_logits))
     base_logits = clean_logits if noising else corrupt_logits
 
     def stacked(template: str, part: slice) -> Array:
@@ -413,53 +403,60 @@ def _resumed_sweep_program(params: Any, pairs: MinimalPairs, starts: tuple[Array
             else jnp.zeros((layers,) + act_shape, jnp.dtype(cfg.dtype)))  # only its shape/dtype is used
     values = _source_values(spec, source, acts, pairs.mask)
     base_resid = stacked("hook_resid_pre", base_run)  # [layer, batch, pos, d_model]
+    prefix_kv = (stacked(k_template, base_run), stacked("attn.hook_v", base_run)) if packed else None
     ndim = len(spec.dims)
     real = _real_positions(spec.dims, pairs.mask)
     pos_axis = spec.dims.index("pos") if "pos" in spec.dims else None
     layer_j = spec.by.index("layer")
+    at = pairs.position
+    n = pos + 1 if packed else pos
 
-    outs = []
-    for offset, group_starts, group_indices in zip(offsets, starts, indices):
-        n = pos - offset
+    def to_slots(a: Array, positions: Array) -> Array:
+        if pos_axis is None or a.shape[pos_axis] == 1:
+            return a
+        return jnp.take(a, positions, axis=pos_axis)
 
-        def suffix(a: Array, axis: int | None, offset=offset) -> Array:
-            if offset == 0 or axis is None or a.shape[axis] == 1:
-                return a
-            return jax.lax.slice_in_dim(a, offset, pos, axis=axis)
+    def run_chunk(xs):
+        start, chunk_firsts, chunk = xs
+        resid_all = jax.lax.dynamic_index_in_dim(base_resid, start, 0, keepdims=False)
+        value_all = jax.lax.dynamic_index_in_dim(values, start, 0, keepdims=False)
 
-        prefix_kv = None
-        if offset:
-            prefix_kv = (stacked(k_template, base_run)[:, :, :offset], stacked("attn.hook_v", base_run)[:, :, :offset])
-        at = pairs.position - offset  # metric position within the suffix
-
-        def run_chunk(xs, offset=offset, n=n, suffix=suffix, prefix_kv=prefix_kv, at=at):
-            start, chunk = xs
-            resid = suffix(jax.lax.dynamic_index_in_dim(base_resid, start, 0, keepdims=False), 1)
-            value = suffix(jax.lax.dynamic_index_in_dim(values, start, 0, keepdims=False), pos_axis)
-
-            def patched_metric(idx: Array) -> Array:
-                select = real & (idx[layer_j] >= 0)
+        def patched_metrics(first: Array, idx: Array) -> Array:
+            packing = packed_pair(pos, first) if packed else whole(pos)
+            slots = packing.positions
+            select = jnp.zeros((1,) * ndim, bool)
+            for seg in range(idx.shape[0]):
+                hit = to_slots(real, slots) & (idx[seg, layer_j] >= 0)
                 for j, d in enumerate(spec.by):
-                    if d != "layer":
+                    if d == "pos":
+                        hit = hit & _along((slots == idx[seg, j]) & (packing.segment == seg), pos_axis, ndim)
+                    elif d != "layer":
                         axis = spec.dims.index(d)
-                        select = select & _along(jnp.arange(act_shape[axis]) == idx[j], axis, ndim)
-                iv = replace(value, suffix(select, pos_axis))
-                plan = make_plan(cfg, Hooks({f"blocks.0.{spec.template}": iv}), batch, n)
-                hook = HookContext(plan, start, {}, {spec.template: iv})
-                x = run_from_layer(cfg, params, resid, start, hook, prefix_kv=prefix_kv, offset=offset)
-                logits = final_logits(cfg, params, x[jnp.arange(batch), jnp.clip(at, 0, n - 1)])
-                # A metric position before the suffix is not affected by the patch.
-                logits = jnp.where((at >= 0)[:, None], logits, base_logits)
-                return metric(logits, pairs, clean_logits)
+                        hit = hit & _along(jnp.arange(act_shape[axis]) == idx[seg, j], axis, ndim)
+                select = select | hit
+            iv = replace(to_slots(value_all, slots), select)
+            plan = make_plan(cfg, Hooks({f"blocks.0.{spec.template}": iv}), batch, n)
+            hook = HookContext(plan, start, {}, {spec.template: iv})
+            # Each segment reads the metric at its slot of the metric position (packed_pair's layout).
+            seg_first, seg_slot = ([first, pos - 1 - first], [at - first, at + 1]) if packed else ([0], [at])
+            query_at = jnp.clip(jnp.stack(seg_slot, axis=1), 0, n - 1)
+            x = run_from_layer(cfg, params, resid_all[:, slots], start, hook, packing=packing, prefix_kv=prefix_kv,
+                               query_at=query_at)
+            out = []
+            for seg, seg_start in enumerate(seg_first):
+                logits = final_logits(cfg, params, x[:, seg], columns)
+                # A metric position before the segment's suffix is not affected by its patch.
+                logits = jnp.where((at >= seg_start)[:, None], logits, base_logits)
+                out.append(metric(logits, metric_pairs, clean_logits))
+            return jnp.stack(out)
 
-            return jax.vmap(patched_metric)(chunk)
+        return jax.vmap(patched_metrics)(chunk_firsts, chunk)
 
-        outs.append(jax.lax.map(run_chunk, (group_starts, group_indices)))
-    return clean_metric, corrupt_metric, tuple(outs)
+    return clean_metric, corrupt_metric, jax.lax.map(run_chunk, (starts, firsts, indices))
 
 
 _compiled_resumed_sweep = jax.jit(_resumed_sweep_program,
-                                  static_argnames=("cfg", "spec", "metric", "direction", "source", "offsets"))
+                                  static_argnames=("cfg", "spec", "metric", "direction", "source"))
 
 
 def dim_sizes_all(cfg: ModelConfig, spec: SiteSpec, pos: int) -> tuple[int, ...]:
@@ -473,14 +470,15 @@ def sweep_memory(cfg: ModelConfig, params: Any, spec: SiteSpec, batch: int, pos:
     """(fixed, per patch) bytes one device holds in a sweep: the pairs are split over the mesh's
     `data` axis; fixed = its share of the weights + the two baseline forwards + the cached site
     activations of every layer (clean and corrupted), plus, with prefix reuse (`resumed`), the
-    cached residuals, keys and values of every layer; per patch = one patched forward."""
+    cached residuals, keys and values of every layer; per patch = one patched forward (with
+    prefix reuse by position: one row of pos + 1 packed slots, which holds two patches)."""
     local = -(-batch // (dict(mesh.shape).get(DATA, 1) if mesh is not None else 1))
     itemsize = jnp.dtype(cfg.dtype).itemsize
     site = cfg.n_layers * local * math.prod(dim_sizes_all(cfg, spec, pos)) * itemsize
     fixed = device_bytes(params) + 2 * estimate_patch_bytes(cfg, local, pos) + 2 * site
     if resumed:
         fixed += 2 * cfg.n_layers * local * pos * (cfg.d_model + 2 * cfg.n_kv_heads * cfg.d_head) * itemsize
-    return int(fixed), estimate_patch_bytes(cfg, local, pos)
+    return int(fixed), estimate_patch_bytes(cfg, local, pos + 1 if resumed and packs_positions(spec) else pos)
 
 
 def _masked_mean(values: np.ndarray, valid: np.ndarray) -> np.ndarray:
@@ -505,7 +503,7 @@ def patch_sweep(model: Any, pairs: MinimalPairs, site: str, by: str | Sequence[s
                 metric: str | Metric = "logit_diff", direction: Direction = "denoising",
                 source: Source = "resample", indices: Any = None, max_patches_per_chunk: int | None = None,
                 memory_budget_bytes: int | None = None, params: Any = None, mesh: Any = None,
-                prefix_reuse: bool = True, position_groups: int | None = None) -> PatchResult:
+                prefix_reuse: bool = True) -> PatchResult:
     """Exact activation patching of `site` at every combination of the `by` dims, as one program.
 
     model: a `jaxcirc.Model` (or a `ModelConfig` together with `params=`).
@@ -522,10 +520,10 @@ def patch_sweep(model: Any, pairs: MinimalPairs, site: str, by: str | Sequence[s
     mesh: a `jaxcirc.sharding.make_mesh` mesh: pairs over `data` (their number must divide it),
       large weights over `model`; the results equal the unsharded ones. Multi-host: every host
       calls this with the same arguments and gets the whole result.
-    prefix_reuse: start each patch from the unpatched run's residual at its layer and recompute
-      only positions from its position group on (`position_groups` suffix programs when `by` has
-      "pos"; None: `auto_position_groups(pairs, pos)`); same results, fewer FLOPs. Falls back to
-      full forwards where
+    prefix_reuse: start each patch from the unpatched run's residual at its layer and, when `by`
+      has "pos", recompute only the positions from the patched one on (two such suffixes per
+      row); the last layer runs only where the metric reads, and `logit_diff` unembeds only the
+      answer and foil. Same results, fewer FLOPs. Falls back to full forwards where
       `models.resume.supports_resume(cfg)` is False. False: one full forward per patch.
     Returns a PatchResult with `patch_effect` [*by] (see the module docstring for padding).
     """
@@ -561,22 +559,16 @@ def patch_sweep(model: Any, pairs: MinimalPairs, site: str, by: str | Sequence[s
     chunk, n_chunks = chunking(n_patches, per_patch_bytes, max_patches_per_chunk, memory_budget_bytes,
                                fixed_bytes=fixed)
     if prefix_reuse and supports_resume(cfg):
-        if position_groups is None:
-            per_device = batch // (dict(mesh.shape).get(DATA, 1) if mesh is not None else 1)
-            position_groups = auto_position_groups(per_device, pos)
-        elif position_groups < 1:
-            raise ValueError(f"position_groups must be at least 1 (1 = no position suffixes), got {position_groups}.")
-        offsets = _position_offsets(spec, pos, position_groups)
-        offsets, starts, groups, rows, chunk = resume_schedule(table, spec, cfg.n_layers, offsets, chunk)
-        n_chunks = sum(len(st) for st in starts)
+        starts, firsts, groups, slots = resume_schedule(table, spec, cfg.n_layers, pos, chunk)
+        chunk, n_chunks = groups.shape[1], len(starts)
         clean_m, corrupt_m, patched = _compiled_resumed_sweep(
-            params, pairs, tuple(starts), tuple(groups),
-            cfg=cfg, spec=spec, metric=metric_fn, direction=direction, source=source, offsets=offsets)
+            params, pairs, starts, firsts, groups, cfg=cfg, spec=spec, metric=metric_fn, direction=direction,
+            source=source)
         clean_m, corrupt_m, patched, mask = to_host((clean_m, corrupt_m, patched, pairs.mask))
+        patched = np.asarray(patched, np.float64).reshape(-1, batch)
+        slots = slots.reshape(-1)
         per_patch = np.empty((n_patches, batch), np.float64)
-        for slots, out in zip(rows, patched):
-            out = np.asarray(out, np.float64).reshape(len(slots), batch)
-            per_patch[slots[slots >= 0]] = out[slots >= 0]
+        per_patch[slots[slots >= 0]] = patched[slots >= 0]
     else:
         padded = np.full((n_chunks * chunk, len(spec.by)), -1, np.int32)  # padding patches select nothing
         padded[:n_patches] = table

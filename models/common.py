@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxcirc.models.activations import activation
 from jaxcirc.models.config import ModelConfig, RopeConfig
 
 Array = jax.Array
@@ -32,19 +33,6 @@ def _ones(shape, cfg: ModelConfig) -> nnx.Param:
 
 def _no_hook(name: str, x: Array) -> Array:
     return x
-
-
-def activation(name: str, x: Array) -> Array:
-    if name in ("gelu_new", "gelu_fast", "gelu_pytorch_tanh"):
-        return jax.nn.gelu(x, approximate=True)
-    if name == "gelu":
-        return jax.nn.gelu(x, approximate=False)
-    if name == "silu":
-        return jax.nn.silu(x)
-    if name == "relu":
-        return jax.nn.relu(x)
-    raise ValueError(f"Unsupported activation {name!r}; supported: gelu_new, gelu_fast, "
-                     "gelu_pytorch_tanh, gelu, silu, relu.")
 
 
 class Norm(nnx.Module):
@@ -121,13 +109,13 @@ def apply_rope(x: Array, cos: Array, sin: Array, interleaved: bool = False) -> A
     return jnp.concatenate([x_rot * cos + rotated * sin, x_pass], axis=-1)
 
 
-def attention_mask(cfg: ModelConfig, n_q: int, local_window: Array | None = None, n_k: int | None = None) -> Array:
-    """[n_q, n_k] bool: may query i attend to key j. The queries are the last n_q of the n_k
-    positions (n_k defaults to n_q). Causal, narrowed by `cfg.attention_window` (global prefix +
-    local window) and by a layer's sliding `local_window` (0 = unlimited)."""
-    n_k = n_q if n_k is None else n_k
-    i = jnp.arange(n_q)[:, None] + (n_k - n_q)
-    j = jnp.arange(n_k)[None, :]
+def attention_mask(cfg: ModelConfig, query_positions: Array, key_positions: Array,
+                   local_window: Array | None = None) -> Array:
+    """[..., n_q, n_k] bool: may a query at `query_positions` [..., n_q] attend to a key at
+    `key_positions` [..., n_k] (token positions). Causal, narrowed by `cfg.attention_window`
+    (global prefix + local window) and by a layer's sliding `local_window` (0 = unlimited)."""
+    i = jnp.asarray(query_positions)[..., :, None]
+    j = jnp.asarray(key_positions)[..., None, :]
     allowed = j <= i
     window = cfg.attention_window
     if window is not None:
@@ -135,6 +123,12 @@ def attention_mask(cfg: ModelConfig, n_q: int, local_window: Array | None = None
     if local_window is not None:
         allowed &= (i - j < local_window) | (local_window <= 0)
     return allowed
+
+
+def causal_mask(cfg: ModelConfig, n_q: int, local_window: Array | None = None, n_k: int | None = None) -> Array:
+    """[n_q, n_k] `attention_mask` for queries at the last n_q of n_k positions (n_k defaults to n_q)."""
+    n_k = n_q if n_k is None else n_k
+    return attention_mask(cfg, jnp.arange(n_q) + (n_k - n_q), jnp.arange(n_k), local_window)
 
 
 def alibi_slopes(n_heads: int) -> np.ndarray:
@@ -184,6 +178,15 @@ class Attention(nnx.Module):
         out = jnp.einsum(spec, x, w)
         return out if b is None else out + b
 
+    def keys_values(self, k_in: Array, v_in: Array, rope: tuple[Array, Array] | None = None,
+                    hook=_no_hook) -> tuple[Array, Array, Array]:
+        """Keys before rotation, rotated keys and values, each [batch, pos, kv_head, d_head]."""
+        k = hook("attn.hook_k", self._project(k_in, self.W_K[...], None if self.b_K is None else self.b_K[...]))
+        v = hook("attn.hook_v", self._project(v_in, self.W_V[...], None if self.b_V is None else self.b_V[...]))
+        if rope is None:
+            return k, k, v
+        return k, hook("attn.hook_rot_k", apply_rope(k, *rope, interleaved=self.cfg.rope.interleaved)), v
+
     def _scores(self, q: Array, k: Array) -> Array:
         """q [batch, q_pos, head, d_head], k [batch, k_pos, kv_head, d_head] -> float32 scaled logits
         [batch, head, q_pos, k_pos]."""
@@ -200,7 +203,8 @@ class Attention(nnx.Module):
 
     def __call__(self, q_in: Array, k_in: Array, v_in: Array, hook=_no_hook,
                  rope: tuple[Array, Array] | None = None, position_ids: Array | None = None,
-                 local_window: Array | None = None, prefix_kv: tuple[Array, Array] | None = None) -> Array:
+                 local_window: Array | None = None, prefix_kv: tuple[Array, Array] | None = None,
+                 mask: Array | None = None) -> Array:
         """Inputs [batch, pos, d_model] (or per head [batch, pos, head, d_model]) -> [batch, pos, d_model].
 
         `position_ids` [batch, pos] are needed only for a distance cap (`cfg.attention_window`) and
@@ -210,15 +214,15 @@ class Attention(nnx.Module):
 
         `prefix_kv`: rotated keys and values of earlier positions, each [batch, offset, kv_head,
         d_head]; the inputs are then the positions after them (resuming a forward part-way, as
-        `models.resume` does; not with ALiBi or a distance cap)."""
+        `models.resume` does; not with ALiBi or a distance cap). `mask` [q_pos, k_pos] or [batch,
+        q_pos, k_pos] replaces the causal / window mask over the (prefix + own) keys when the keys
+        are not simply the positions before each query (`models.resume` packs suffixes)."""
         cfg = self.cfg
         q = hook("attn.hook_q", self._project(q_in, self.W_Q[...], None if self.b_Q is None else self.b_Q[...]))
-        k = hook("attn.hook_k", self._project(k_in, self.W_K[...], None if self.b_K is None else self.b_K[...]))
-        v = hook("attn.hook_v", self._project(v_in, self.W_V[...], None if self.b_V is None else self.b_V[...]))
-        q_pre, k_pre = q, k
+        k_pre, k, v = self.keys_values(k_in, v_in, rope, hook)
+        q_pre = q
         if rope is not None:
             q = hook("attn.hook_rot_q", apply_rope(q, *rope, interleaved=cfg.rope.interleaved))
-            k = hook("attn.hook_rot_k", apply_rope(k, *rope, interleaved=cfg.rope.interleaved))
         if prefix_kv is not None:
             if cfg.positional == "alibi" or (cfg.attention_window and cfg.attention_window.max_distance is not None):
                 raise ValueError("prefix_kv needs index-based masks; ALiBi and distance caps need every position id.")
@@ -228,7 +232,9 @@ class Attention(nnx.Module):
         n_k = k.shape[1]
         g = cfg.group_size
         scores = self._scores(q, k)
-        allowed = attention_mask(cfg, pos, local_window, n_k)
+        allowed = causal_mask(cfg, pos, local_window, n_k) if mask is None else mask
+        if allowed.ndim == 3:  # per example: [batch, q_pos, k_pos]
+            allowed = allowed[:, None]
         window = cfg.attention_window
         if window is not None and window.max_distance is not None:
             # Rotary logits depend on the distance only: q rotated by the cap against an unrotated
@@ -316,14 +322,20 @@ class Block(nnx.Module):
             inputs.append(self.ln1(hook(name, per_head)))
         return tuple(inputs)
 
+    def keys_values(self, resid: Array, rope: tuple[Array, Array] | None = None) -> tuple[Array, Array]:
+        """Rotated keys and values [batch, pos, kv_head, d_head] this block's attention reads from the
+        residual [batch, pos, d_model] (unhooked)."""
+        normed = self.ln1(resid)
+        return self.attn.keys_values(normed, normed, rope)[1:]
+
     def __call__(self, x: Array, hook=_no_hook, rope: tuple[Array, Array] | None = None,
                  position_ids: Array | None = None, local_window: Array | None = None,
-                 prefix_kv: tuple[Array, Array] | None = None) -> Array:
+                 prefix_kv: tuple[Array, Array] | None = None, mask: Array | None = None) -> Array:
         """x: residual stream [batch, pos, d_model] -> [batch, pos, d_model]. `position_ids`
-        [batch, pos], this layer's `local_window` and `prefix_kv` as in `Attention`."""
+        [batch, pos], this layer's `local_window`, `prefix_kv` and `mask` as in `Attention`."""
         resid_pre = hook("hook_resid_pre", x)
         attn_out = self.attn(*self._attention_inputs(resid_pre, hook), hook, rope, position_ids, local_window,
-                             prefix_kv)
+                             prefix_kv, mask)
         if self.ln1_post is not None:
             attn_out = self.ln1_post(attn_out, hook, "ln1_post")
         attn_out = hook("hook_attn_out", attn_out)

@@ -1,30 +1,36 @@
-"""Resuming a forward pass part-way: from a dynamic start layer, over a suffix of positions.
+"""Resuming a forward pass part-way: from a dynamic start layer, over suffixes of positions.
 
 An intervention at layer l, position p leaves the residual before layer l unchanged and, with
 causal attention, every position < p unchanged at every layer. So an intervened run can start
-from the unintervened run's residual at layer l, recompute only positions >= `offset` (any
-offset <= p), and read the keys/values of the earlier positions from the unintervened run:
+from the unintervened run's residual at layer l, recompute only positions >= p, and read the
+keys/values of the earlier positions from the unintervened run. Two such suffixes, from p and
+from n_pos - 1 - p, fill one row of n_pos + 1 slots exactly (`packed_pair`), so a sweep over
+positions recomputes what it must and nothing else, in rows of equal length:
 
-    resid = run_from_layer(cfg, params, resid_pre[start][:, offset:], start, hook,
-                           prefix_kv=(k[:, :, :offset], v[:, :, :offset]))
-    logits = final_logits(cfg, params, resid_at_metric_position)
+    packing = packed_pair(n_pos, p)
+    x = run_from_layer(cfg, params, resid_pre[start][:, packing.positions], start, hook,
+                       packing=packing, prefix_kv=(k, v), query_at=slots_of_metric_positions)
+    logits = final_logits(cfg, params, x[:, segment])
 
 `start` is a traced int32 scalar (one compiled program serves every start layer): the remaining
 layers run in a `fori_loop` that slices the stacked block parameters dynamically. Only the start
-block sees `hook` (the intervention); the later blocks run unhooked.
+block sees `hook` (the intervention); the later blocks run unhooked. With `query_at` the last
+block computes keys and values everywhere but queries, attention and MLP only where a metric reads.
 
-The blocks are `common.Block` itself, given the earlier positions' keys and values; what it
-cannot resume is `supports_resume(cfg)` False: ALiBi and LM-Infinite's distance cap need the
-position ids of every key. Callers fall back to a full forward then.
+The blocks are `common.Block` itself, given the earlier positions' keys and values and a mask;
+what it cannot resume is `supports_resume(cfg)` False: ALiBi and LM-Infinite's distance cap need
+the position ids of every key. Callers fall back to a full forward then.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxcirc.models.common import _no_hook, rope_tables
+from jaxcirc.models.common import _no_hook, attention_mask, rope_tables
 from jaxcirc.models.config import ModelConfig
 from jaxcirc.models.transformer import Params, bind
 
@@ -37,46 +43,111 @@ def supports_resume(cfg: ModelConfig) -> bool:
     return cfg.positional != "alibi" and (window is None or window.max_distance is None)
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Packing:
+    """Which token position each slot of a resumed row holds, each [n_slots] int32.
+
+    positions: the slot's token position; segment: which suffix it belongs to; segment_start: the
+    first position of that suffix. A slot attends to the unintervened run's keys (`prefix_kv`) at
+    positions before its segment's start and to its own segment's slots up to its position.
+    """
+
+    positions: Array
+    segment: Array
+    segment_start: Array
+
+
+def whole(n_pos: int) -> Packing:
+    """One segment: the positions 0..n_pos-1 in order."""
+    zeros = jnp.zeros(n_pos, jnp.int32)
+    return Packing(jnp.arange(n_pos, dtype=jnp.int32), zeros, zeros)
+
+
+def packed_pair(n_pos: int, first: Array) -> Packing:
+    """Two suffixes in n_pos + 1 slots: positions first..n_pos-1 (segment 0), then
+    n_pos-1-first..n_pos-1 (segment 1). Position q sits in slot q - first (segment 0) and
+    q + 1 (segment 1). `first` may be traced."""
+    slot = jnp.arange(n_pos + 1, dtype=jnp.int32)
+    second = slot >= n_pos - first
+    return Packing(jnp.where(second, slot - 1, first + slot), second.astype(jnp.int32),
+                   jnp.where(second, n_pos - 1 - first, first).astype(jnp.int32))
+
+
+def key_mask(cfg: ModelConfig, packing: Packing, n_prefix: int, local_window: Array | None = None) -> Array:
+    """[n_slots, n_prefix + n_slots] bool: the keys each slot reads, the unintervened run's first
+    (positions 0..n_prefix-1), then the slots'; causal and windowed by token position."""
+    prefix = jnp.arange(n_prefix, dtype=jnp.int32)
+    allowed = attention_mask(cfg, packing.positions, jnp.concatenate([prefix, packing.positions]), local_window)
+    earlier = prefix[None, :] < packing.segment_start[:, None]
+    same = packing.segment[None, :] == packing.segment[:, None]
+    return allowed & jnp.concatenate([earlier, same], axis=1)
+
+
 def run_from_layer(cfg: ModelConfig, params: Params, resid: Array, start: Array, hook=_no_hook, *,
-                   prefix_kv: tuple[Array, Array] | None = None, offset: int = 0) -> Array:
-    """Run blocks start..n_layers-1 on resid [batch, S, d_model], the residual before block
-    `start` at positions offset..offset+S-1 (S = pos - offset). Returns the residual after the
-    last block [batch, S, d_model] (before ln_final).
+                   packing: Packing | None = None, prefix_kv: tuple[Array, Array] | None = None,
+                   query_at: Array | None = None) -> Array:
+    """Run blocks start..n_layers-1 on resid [batch, n, d_model], the residual before block
+    `start` at the slots of `packing` (default: positions 0..n-1). Returns the residual after the
+    last block [batch, n, d_model] (before ln_final), or with `query_at` [batch, k] (slot
+    indices) only there: [batch, k, d_model].
 
     start: int32 scalar, may be traced. hook: applied in block `start` only (a HookContext whose
-    plan has the suffix's shapes). prefix_kv: the unintervened run's rotated keys and values at
-    positions < offset for every layer, each [layer, batch, offset, kv_head, d_head] (None when
-    offset is 0).
+    plan has the row's shapes). prefix_kv: the unintervened run's rotated keys and values for
+    every layer, each [layer, batch, n_prefix, kv_head, d_head], read where `packing` allows.
+    query_at: the last block then computes keys and values at every slot but the rest (queries,
+    attention, MLP) only at `query_at`, which is all a metric read there needs.
     """
     if not supports_resume(cfg):
         raise ValueError("run_from_layer cannot resume ALiBi or LM-Infinite's distance cap (they need "
                          "every key's position id); run a full forward.")
-    if (prefix_kv is None) != (offset == 0):
-        raise ValueError(f"prefix_kv must be given exactly when offset > 0 (offset={offset}).")
     model = bind(cfg, params)
     block_def, block_state = nnx.split(model.blocks)
     batch, n = resid.shape[:2]
+    packing = whole(n) if packing is None else packing
+    n_prefix = 0 if prefix_kv is None else prefix_kv[0].shape[2]
     rope = None
     if cfg.positional == "rotary":
-        ids = jnp.broadcast_to(jnp.arange(offset, offset + n, dtype=jnp.int32), (batch, n))
-        rope = rope_tables(cfg.rope, ids)
+        rope = rope_tables(cfg.rope, jnp.broadcast_to(packing.positions, (batch, n)))
+    windows = None if cfg.layer_windows is None else jnp.asarray(cfg.layer_windows, jnp.int32)
 
     def at(tree, layer):
         return jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, layer, 0, keepdims=False), tree)
 
-    windows = None if cfg.layer_windows is None else jnp.asarray(cfg.layer_windows, jnp.int32)
+    def mask_at(layer):
+        return key_mask(cfg, packing, n_prefix, None if windows is None else windows[layer])
 
     def run(layer, x, hook):
         block = nnx.merge(block_def, at(block_state, layer))
-        window = None if windows is None else windows[layer]
-        return block(x, hook, rope, None, window, None if prefix_kv is None else at(prefix_kv, layer))
+        return block(x, hook, rope, None, None, None if prefix_kv is None else at(prefix_kv, layer), mask_at(layer))
 
     start = jnp.asarray(start, jnp.int32)
     x = run(start, resid, hook)
-    return jax.lax.fori_loop(start + 1, cfg.n_layers, lambda l, x: run(l, x, _no_hook), x)
+    last = cfg.n_layers - 1
+    if query_at is None:
+        return jax.lax.fori_loop(start + 1, cfg.n_layers, lambda l, x: run(l, x, _no_hook), x)
+    x = jax.lax.fori_loop(start + 1, last, lambda l, x: run(l, x, _no_hook), x)
+    rows = jnp.arange(batch)[:, None]
+
+    def last_block_at_queries(x: Array) -> Array:
+        block = nnx.merge(block_def, at(block_state, last))
+        keys, values = block.keys_values(x, rope)
+        if prefix_kv is not None:
+            earlier_k, earlier_v = at(prefix_kv, last)
+            keys = jnp.concatenate([earlier_k.astype(keys.dtype), keys], axis=1)
+            values = jnp.concatenate([earlier_v.astype(values.dtype), values], axis=1)
+        query_rope = None if rope is None else tuple(t[rows, query_at] for t in rope)
+        # The queries' own keys, which the block appends, are copies of slots in `keys`: masked.
+        mask = mask_at(last)[query_at]
+        mask = jnp.concatenate([mask, jnp.zeros(mask.shape[:2] + (query_at.shape[1],), bool)], axis=-1)
+        return block(x[rows, query_at], _no_hook, query_rope, None, None, (keys, values), mask)
+
+    # A patch in the last block has already run it at every slot.
+    return jax.lax.cond(start == last, lambda x: x[rows, query_at], last_block_at_queries, x)
 
 
-def final_logits(cfg: ModelConfig, params: Params, resid: Array) -> Array:
-    """Residual after the last block [..., d_model] -> logits [..., d_vocab] (ln_final, unembed)."""
+def final_logits(cfg: ModelConfig, params: Params, resid: Array, columns: Array | None = None) -> Array:
+    """Residual after the last block [batch, d_model] -> logits [batch, d_vocab] (ln_final,
+    unembed), or only the token ids `columns` [batch, k] of each row: [batch, k]."""
     model = bind(cfg, params)
-    return model.unembed(model.ln_final(resid))
+    return model.unembed(model.ln_final(resid), columns)

@@ -89,18 +89,23 @@ class Transformer(nnx.Module):
         (x, buffers), outputs = jax.lax.scan(step, (x, plan.init_buffers(x.dtype, x)), xs)
         return x, buffers, outputs
 
-    def unembed(self, x: Array) -> Array:
-        """Residual after the final norm [..., d_model] -> logits [..., d_vocab]."""
-        w = self.W_E[...].T if self.cfg.tied_embeddings else self.W_U[...]
-        logits = x @ w
+    def unembed(self, x: Array, columns: Array | None = None) -> Array:
+        """Residual after the final norm [..., d_model] -> logits [..., d_vocab]; with token ids
+        `columns` [batch, k] (x [batch, d_model]) only those logits of each row: [batch, k]."""
+        if columns is not None:  # the rows of the unembedding that the metric reads, not all d_vocab
+            w = jnp.take(self.W_E[...], columns, axis=0) if self.cfg.tied_embeddings else jnp.moveaxis(
+                jnp.take(self.W_U[...], columns, axis=1), 0, -1)
+            logits = jnp.einsum("bd,bkd->bk", x, w)
+        else:
+            logits = x @ (self.W_E[...].T if self.cfg.tied_embeddings else self.W_U[...])
         if self.cfg.unembed_bias:
-            logits = logits + self.b_U[...]
+            logits = logits + (self.b_U[...] if columns is None else jnp.take(self.b_U[...], columns))
         if self.cfg.final_softcap is not None:  # Gemma 2: cap * tanh(logits / cap)
             logits = self.cfg.final_softcap * jnp.tanh(logits / self.cfg.final_softcap)
         return logits
 
     def __call__(self, tokens: Array, hooks: Hooks, position_ids: Array | None = None,
-                 logits_at: Array | None = None) -> tuple[Array, dict[str, Array]]:
+                 logits_at: Array | None = None, logits_columns: Array | None = None) -> tuple[Array, dict[str, Array]]:
         batch, pos = tokens.shape
         if position_ids is None:
             position_ids = jnp.broadcast_to(jnp.arange(pos, dtype=jnp.int32), (batch, pos))
@@ -113,7 +118,7 @@ class Transformer(nnx.Module):
         x = self.ln_final(x, top, "ln_final")
         if logits_at is not None:
             x = x[jnp.arange(batch), logits_at]
-        return self.unembed(x), plan.collect_cache(top.top_cache, buffers, outputs)
+        return self.unembed(x, logits_columns), plan.collect_cache(top.top_cache, buffers, outputs)
 
 
 def abstract_model(cfg: ModelConfig) -> tuple[nnx.GraphDef, nnx.State]:
@@ -164,12 +169,16 @@ def bind(cfg: ModelConfig, params: Params) -> Transformer:
 def make_forward(cfg: ModelConfig, jit: bool = True) -> Callable[..., tuple[Array, dict[str, Array]]]:
     """The pure forward of `cfg`: (params, tokens [batch, pos] int32, hooks) -> (logits, cache).
 
-    Keyword options: `position_ids` [batch, pos] (default 0..pos-1) and `logits_at` [batch] to
-    unembed only one position per example (logits then [batch, d_vocab]).
+    Keyword options: `position_ids` [batch, pos] (default 0..pos-1), `logits_at` [batch] to
+    unembed only one position per example (logits then [batch, d_vocab]) and, with it,
+    `logits_columns` [batch, k] to unembed only those token ids (logits [batch, k]).
     """
 
     def forward(params: Params, tokens: Array, hooks: Hooks | None = None, *,
-                position_ids: Array | None = None, logits_at: Array | None = None):
-        return bind(cfg, params)(tokens, as_hooks(hooks), position_ids, logits_at)
+                position_ids: Array | None = None, logits_at: Array | None = None,
+                logits_columns: Array | None = None):
+        if logits_columns is not None and logits_at is None:
+            raise ValueError("logits_columns needs logits_at (one position per example).")
+        return bind(cfg, params)(tokens, as_hooks(hooks), position_ids, logits_at, logits_columns)
 
     return jax.jit(forward) if jit else forward

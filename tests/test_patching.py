@@ -19,9 +19,10 @@ from jaxcirc.hooks import Hooks, replace
 from jaxcirc.memory import MemoryBudgetError
 from jaxcirc.model import Model
 from jaxcirc.models.config import ModelConfig, RopeConfig
+from jaxcirc.models.resume import key_mask, packed_pair
 from jaxcirc.models.transformer import make_forward, param_shapes
 from jaxcirc.pairs import from_tokens
-from jaxcirc.patching import (PatchResult, auto_position_groups, chunking, compile_log, estimate_patch_bytes,
+from jaxcirc.patching import (PatchResult, chunking, compile_log, estimate_patch_bytes,
                               patch_sweep, resolve_site, resume_schedule)
 
 VOCAB = 41
@@ -238,8 +239,9 @@ def test_compiles_once_whatever_the_chunking(models, pairs):
     reference = patch_sweep(model, pairs, "resid_pre", ("layer", "pos"), max_patches_per_chunk=5)
     with compile_log() as compiled:
         result = patch_sweep(model, pairs, "resid_pre", ("layer", "pos"), indices=indices, max_patches_per_chunk=1)
-    assert compiled == ["jit(_resumed_sweep_program)"], compiled  # 11 chunks, one compilation
-    assert (result.chunk_size, result.n_chunks, result.dims) == (1, 11, ("patch",))
+    assert compiled == ["jit(_resumed_sweep_program)"], compiled  # 7 chunks, one compilation
+    # 11 patches in 7 rows of packed position suffixes (0+4, 1+3, 2 per layer; the no-op with 1.0).
+    assert (result.chunk_size, result.n_chunks, result.dims) == (1, 7, ("patch",))
     # Patching nothing gives the unpatched (corrupted, for denoising) run.
     np.testing.assert_allclose(result.per_pair[0], result.corrupt_metric, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(result.per_pair[1:].reshape(2, 5, -1), reference.per_pair, rtol=1e-5, atol=1e-5)
@@ -318,10 +320,9 @@ def test_equals_transformer_lens_gpt2():
 # ---------------------------------------------------------------------------- prefix reuse
 
 PREFIX_CASES = [
-    # resid_pre by (layer, pos): start layer + position suffixes (3 groups over 5 positions);
-    # heads by (layer, head): start layer only; grouped-query attention with rotary (llama).
-    # (The default path is the resumed one, so CASES above also check it against the loop, but
-    # with these tiny batches its automatic choice is no position groups.)
+    # resid_pre by (layer, pos): start layer + packed position suffixes (5 positions: the middle
+    # one fills both segments of its row); heads by (layer, head): start layer only;
+    # grouped-query attention with rotary (llama); windows, soft caps, post-norms (gemma_like).
     ("gpt2", "resid_pre", ("layer", "pos"), "denoising", "resample"),
     ("llama", "resid_pre", ("layer", "pos"), "noising", "pos_mean"),
     ("llama", "z", ("layer", "head"), "denoising", "resample"),
@@ -335,7 +336,7 @@ def test_prefix_reuse_equals_full_forwards(models, pairs, case):
     name, site, by, direction, source = case
     options = dict(direction=direction, source=source, max_patches_per_chunk=3)
     full = patch_sweep(models[name], pairs, site, by, prefix_reuse=False, **options)
-    fast = patch_sweep(models[name], pairs, site, by, position_groups=3, **options)
+    fast = patch_sweep(models[name], pairs, site, by, **options)
     np.testing.assert_array_equal(np.isnan(fast.per_pair), np.isnan(full.per_pair))
     ran = ~np.isnan(full.per_pair)
     np.testing.assert_allclose(fast.per_pair[ran], full.per_pair[ran], rtol=1e-5, atol=1e-5)
@@ -343,24 +344,27 @@ def test_prefix_reuse_equals_full_forwards(models, pairs, case):
     assert np.nanmax(np.abs(full.per_pair - baseline)) > 1e-3  # the patches do something
 
 
-def test_resume_schedule_groups_by_layer_and_position():
+def test_resume_schedule_packs_complementary_positions():
     cfg = CONFIGS["gpt2"]
     spec = resolve_site(cfg, "resid_pre", ("layer", "pos"))
-    table = np.array([[1, 4], [0, 0], [1, 1], [-1, -1], [0, 3], [1, 0]], np.int32)
-    offsets, starts, indices, rows, widest = resume_schedule(table, spec, cfg.n_layers, (0, 3), limit=2)
-    assert offsets == (0, 3) and widest == 2
-    # Positions 0-2 run whole: layer 0 -> [1], layer 1 (with the no-op patch, run from the last
-    # layer) -> [2, 3] and [5]; positions 3-4 run from position 3: layer 0 -> [4], layer 1 -> [0].
-    assert starts[0].tolist() == [0, 1, 1] and starts[1].tolist() == [0, 1]
-    assert rows[0].tolist() == [1, -1, 2, 3, 5, -1] and rows[1].tolist() == [4, 0]
-    assert (indices[0][0, 1] == -1).all()  # padding slots select nothing
-    np.testing.assert_array_equal(np.sort(np.concatenate(rows)[np.concatenate(rows) >= 0]), np.arange(6))
+    table = np.array([[1, 4], [0, 0], [1, 1], [-1, -1], [0, 3], [1, 0], [0, 2], [0, 2]], np.int32)
+    starts, firsts, indices, slots = resume_schedule(table, spec, cfg.n_layers, 5, limit=2)
+    # Layer 0: position 0 alone (its partner 4 is not in the table), 3 with partner 1 missing, the
+    # middle position 2 twice (both segments); layer 1 (the last: the no-op patch runs there, as
+    # position 0): the no-op with 4, then 0, 1 alone, then a padding row.
+    assert starts.tolist() == [0, 0, 1, 1] and slots.shape == (4, 2, 2)
+    assert firsts.tolist() == [[0, 1], [2, 0], [0, 0], [1, 0]]
+    assert slots.tolist() == [[[1, -1], [-1, 4]], [[6, 7], [-1, -1]], [[3, 0], [5, -1]], [[2, -1], [-1, -1]]]
+    assert (indices[slots < 0] == -1).all()  # empty segments select nothing
+    np.testing.assert_array_equal(np.sort(slots[slots >= 0]), np.arange(len(table)))
 
 
-def test_auto_position_groups_keep_chunks_large():
-    # batch x ceil(pos / groups)^2 >= MIN_CHUNK_TOKENS (128) in the smallest chunk.
-    assert [auto_position_groups(b, 16) for b in (1, 2, 8, 32)] == [1, 2, 4, 8]
-    assert auto_position_groups(8, 5) == 1 and auto_position_groups(32, 64) == 16
-    with pytest.raises(ValueError, match="position_groups"):
-        patch_sweep(Model(CONFIGS["gpt2"], random_params(CONFIGS["gpt2"], 0)),
-                    from_tokens([[1, 2, 3]], [[1, 5, 3]], answer=[3], foil=[4]), "resid_pre", position_groups=0)
+def test_packed_pair_layout_and_mask():
+    packing = packed_pair(5, 1)
+    assert packing.positions.tolist() == [1, 2, 3, 4, 3, 4]
+    assert packing.segment.tolist() == [0, 0, 0, 0, 1, 1] and packing.segment_start.tolist() == [1] * 4 + [3] * 2
+    mask = np.asarray(key_mask(CONFIGS["gpt2"], packing, n_prefix=5))
+    # Slot 4 (position 3, second segment) reads the unpatched keys at 0-2 and itself, nothing of
+    # the first segment; slot 1 (position 2, first segment) reads key 0 and slots 0-1.
+    assert mask[4].tolist() == [True, True, True, False, False] + [False] * 4 + [True, False]
+    assert mask[1].tolist() == [True, False, False, False, False] + [True, True, False, False, False, False]
