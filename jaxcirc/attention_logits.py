@@ -11,7 +11,10 @@ pair is z_l e^{i position theta_l}, so
     (R_m q) . (R_n k) = sum_l Re(zq_l conj(zk_l) e^{i (m - n) theta_l}) + q_pass . k_pass
 
 depends on the positions only through the relative distance m - n. That is what lets the logit of
-any query/key pair be evaluated at any distance d from the pre-RoPE vectors alone.
+any query/key pair be evaluated at any distance d from the pre-RoPE vectors alone. GPT-J's
+interleaved rotary pairs (x_2l, x_2l+1) instead; the same holds. Logits are scaled as the model
+scales them (1/sqrt(d_head) or `cfg.query_scale`) and soft-capped where it caps them (Gemma 2), so
+they are the scores its softmax sees.
 """
 
 from __future__ import annotations
@@ -56,11 +59,6 @@ def _check_rotary(cfg: ModelConfig) -> None:
         raise ValueError(
             f"This analysis needs a rotary (RoPE) model; {cfg.family} uses {cfg.positional!r} position "
             "embeddings, so its logits have no relative-distance rotation to decompose."
-        )
-    if cfg.rope.interleaved:
-        raise ValueError(
-            f"{cfg.family} rotates interleaved pairs (dims 2l, 2l + 1: GPT-J's rotate-every-two); the "
-            "phasor analyses here pair dims l and l + rotary_dim / 2 and do not support it yet."
         )
 
 
@@ -127,16 +125,28 @@ def expand_kv(k: Array, n_heads: int, head_axis: int = -2) -> Array:
     return jnp.repeat(k, n_heads // n_kv, axis=head_axis)
 
 
-def logits_from_qk(rot_q: Array, rot_k: Array, *, causal: bool = True, fill: float = MASKED) -> Array:
+def scale_logits(dots: Array, cfg: ModelConfig | None, d_head: int) -> Array:
+    """q . k -> the model's logit: times `cfg.query_scale` (default 1/sqrt(d_head)), then its soft
+    cap (Gemma 2: cap * tanh(s / cap)); 1/sqrt(d_head) alone without a config."""
+    scale = cfg.query_scale if cfg is not None and cfg.query_scale is not None else 1.0 / np.sqrt(d_head)
+    logits = dots * np.float32(scale)
+    if cfg is not None and cfg.attn_softcap is not None:
+        logits = cfg.attn_softcap * jnp.tanh(logits / cfg.attn_softcap)
+    return logits
+
+
+def logits_from_qk(rot_q: Array, rot_k: Array, *, causal: bool = True, fill: float = MASKED,
+                   cfg: ModelConfig | None = None) -> Array:
     """Pre-softmax logits from post-RoPE queries and keys.
 
     rot_q [..., q_pos, head, d_head], rot_k [..., k_pos, kv_head, d_head] -> [..., head, q_pos, k_pos],
-    scaled by 1/sqrt(d_head). With `causal`, entries above the diagonal (key after query, positions
-    aligned at the end) are set to `fill` (the model's float32 min; pass jnp.nan to drop them).
+    scaled as `cfg`'s attention scales them (`scale_logits`; 1/sqrt(d_head) without `cfg`). With
+    `causal`, entries above the diagonal (key after query, positions aligned at the end) are set
+    to `fill` (the model's float32 min; pass jnp.nan to drop them).
     """
     n_heads, d_head = rot_q.shape[-2], rot_q.shape[-1]
     k = expand_kv(rot_k, n_heads)
-    w = jnp.einsum("...qhd,...khd->...hqk", rot_q.astype(jnp.float32), k.astype(jnp.float32)) / np.sqrt(d_head)
+    w = scale_logits(jnp.einsum("...qhd,...khd->...hqk", rot_q.astype(jnp.float32), k.astype(jnp.float32)), cfg, d_head)
     if causal:
         nq, nk = w.shape[-2:]
         allowed = jnp.arange(nk)[None, :] <= jnp.arange(nq)[:, None] + (nk - nq)
@@ -149,7 +159,7 @@ def attention_logits(model, tokens: Array, *, params: dict | None = None, layers
     """Pre-softmax logits of every layer and head: [layer, batch, head, q_pos, k_pos]
     (`mesh`: see `cache_qk`)."""
     qk = cache_qk(model, tokens, params=params, layers=layers, mesh=mesh)
-    return logits_from_qk(qk.rot_q, qk.rot_k, causal=causal, fill=fill)
+    return logits_from_qk(qk.rot_q, qk.rot_k, causal=causal, fill=fill, cfg=model.config)
 
 
 def inverse_frequencies(cfg: ModelConfig) -> np.ndarray:
@@ -158,48 +168,56 @@ def inverse_frequencies(cfg: ModelConfig) -> np.ndarray:
     return rope_inverse_frequencies(cfg.rope)
 
 
-def phasors(x: Array, rotary_dim: int) -> tuple[Array, Array]:
+def phasors(x: Array, cfg: ModelConfig) -> tuple[Array, Array]:
     """Split [..., d_head] into the rotary pairs as complex numbers [..., rotary_dim/2] and the
-    unrotated rest [..., d_head - rotary_dim]: z_l = x_l + i x_{l + rotary_dim/2}."""
-    half = rotary_dim // 2
+    unrotated rest [..., d_head - rotary_dim]: z_l = x_l + i x_{l + rotary_dim/2}, or with
+    interleaved rotary (GPT-J) z_l = x_2l + i x_2l+1."""
+    rot = cfg.rope.rotary_dim
     x = x.astype(jnp.float32)
-    return jax.lax.complex(x[..., :half], x[..., half:rotary_dim]), x[..., rotary_dim:]
+    if cfg.rope.interleaved:
+        return jax.lax.complex(x[..., 0:rot:2], x[..., 1:rot:2]), x[..., rot:]
+    return jax.lax.complex(x[..., :rot // 2], x[..., rot // 2:rot]), x[..., rot:]
 
 
 def rotate(x: Array, positions: Array, cfg: ModelConfig) -> Array:
     """Apply RoPE at `positions` (broadcast against x[..., 0]) to pre-RoPE vectors x [..., d_head]."""
     inv = jnp.asarray(inverse_frequencies(cfg))
-    z, rest = phasors(x, cfg.rope.rotary_dim)
+    z, rest = phasors(x, cfg)
     angle = jnp.asarray(positions, jnp.float32)[..., None] * inv
     z = z * jax.lax.complex(jnp.cos(angle), jnp.sin(angle))
+    if cfg.rope.interleaved:
+        pairs = jnp.stack([jnp.real(z), jnp.imag(z)], axis=-1).reshape(z.shape[:-1] + (-1,))
+        return jnp.concatenate([pairs, rest], axis=-1)
     return jnp.concatenate([jnp.real(z), jnp.imag(z), rest], axis=-1)
 
 
 def logits_at_distance(q: Array, k: Array, distance: Array, cfg: ModelConfig) -> Array:
-    """q^T R_d k / sqrt(d_head) for pre-RoPE q [..., d_head], k [..., d_head] at relative distance
-    d = query position - key position (all three broadcast against each other) -> [...]."""
+    """The logit (R_m q) . (R_n k), scaled as the model does (`scale_logits`), for pre-RoPE
+    q [..., d_head], k [..., d_head] at relative distance d = m - n (all three broadcast against
+    each other) -> [...]."""
     inv = jnp.asarray(inverse_frequencies(cfg))
-    zq, pq = phasors(q, cfg.rope.rotary_dim)
-    zk, pk = phasors(k, cfg.rope.rotary_dim)
+    zq, pq = phasors(q, cfg)
+    zk, pk = phasors(k, cfg)
     angle = jnp.asarray(distance, jnp.float32)[..., None] * inv
     rotated = jnp.real(zq * jnp.conj(zk) * jax.lax.complex(jnp.cos(angle), jnp.sin(angle))).sum(-1)
-    return (rotated + (pq * pk.astype(jnp.float32)).sum(-1)) / np.sqrt(q.shape[-1])
+    return scale_logits(rotated + (pq * pk.astype(jnp.float32)).sum(-1), cfg, q.shape[-1])
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",))
 def dummy_distance_logits(q: Array, keys: Array, distances: Array, cfg: ModelConfig) -> Array:
-    """M[d, j] = q^T R_{distances[d]} k_j / sqrt(d_head): a fixed query against every key placed at
-    every artificial distance, so that position and content are decoupled.
+    """M[d, j] = the logit of q against k_j at distance distances[d] (as `logits_at_distance`): a
+    fixed query against every key placed at every artificial distance, so that position and
+    content are decoupled.
 
     q [..., d_head], keys [..., n_keys, d_head], distances [D] -> [..., D, n_keys].
     """
     inv = jnp.asarray(inverse_frequencies(cfg))
-    zq, pq = phasors(q, cfg.rope.rotary_dim)
-    zk, pk = phasors(keys, cfg.rope.rotary_dim)
+    zq, pq = phasors(q, cfg)
+    zk, pk = phasors(keys, cfg)
     angle = jnp.asarray(distances, jnp.float32)[:, None] * inv  # [D, pairs]
     spin = jax.lax.complex(jnp.cos(angle), jnp.sin(angle))
     # sum_l Re(zq_l conj(zk_jl) e^{i d theta_l}), as a product of [D, l] and [j, l] per query.
     cross = zq[..., None, :] * jnp.conj(zk)  # [..., n_keys, pairs]
     rotated = jnp.real(jnp.einsum("...jl,dl->...dj", cross, spin))
     rest = jnp.einsum("...r,...jr->...j", pq, pk.astype(jnp.float32))[..., None, :]
-    return (rotated + rest) / np.sqrt(q.shape[-1])
+    return scale_logits(rotated + rest, cfg, q.shape[-1])

@@ -350,7 +350,8 @@ def resume_schedule(table: np.ndarray, spec: SiteSpec, n_layers: int, pos: int, 
         for i, s in enumerate(start):
             rows[int(s)].append((0, [i]))
     segments = 2 if packs_positions(spec) else 1
-    chunk = min(limit, max(len(r) for r in rows.values()))
+    most = max(len(r) for r in rows.values())
+    chunk = -(-most // -(-most // limit))  # evened out: 8 rows at a limit of 5 run as 4 + 4, not 5 + 3 (+2 padding)
     starts, firsts, indices, slots = [], [], [], []
     for s, members in rows.items():
         for i in range(0, len(members), chunk):

@@ -106,7 +106,7 @@ def random_params(cfg: ModelConfig, init: str, seed: int) -> dict:
 def _layer(q: Array, k: Array, rot_q: Array, rot_k: Array, query_pos: Array, *, cfg: ModelConfig, sink: str,
            n_distances: int) -> dict[str, Array]:
     """One layer's analyses. q, rot_q [text, pos, head, d_head]; k, rot_k [text, pos, kv, d_head]."""
-    logits = logits_from_qk(rot_q, rot_k)  # [text, head, q, k]
+    logits = logits_from_qk(rot_q, rot_k, cfg=cfg)  # [text, head, q, k]
     dec = _decompose(logits, sink=sink, max_iter=500, tol=1e-6, shares=True)
     # Dummy-distance test: a real query of this text against every real key (sink key left out)
     # placed at every distance 0..n_distances-1.
@@ -162,9 +162,9 @@ def example_heads(r: np.ndarray) -> dict[str, tuple[int, int]]:
     return {name: tuple(int(v) for v in np.unravel_index(i, mean.shape)) for name, i in pick.items()}
 
 
-def head_maps(qk, layer: int, head: int, text: int, sink: str) -> dict[str, np.ndarray]:
+def head_maps(cfg: ModelConfig, qk, layer: int, head: int, text: int, sink: str) -> dict[str, np.ndarray]:
     """Logit map, fitted distance term a(i-j) and key term c(j) of one head [pos, pos] (NaN above the diagonal)."""
-    logits = logits_from_qk(qk.rot_q[layer, text], qk.rot_k[layer, text], fill=jnp.nan)[head]
+    logits = logits_from_qk(qk.rot_q[layer, text], qk.rot_k[layer, text], fill=jnp.nan, cfg=cfg)[head]
     n = logits.shape[-1]
     out = _decompose(jnp.where(jnp.isnan(logits), 0.0, logits)[None], sink=sink, max_iter=500, tol=1e-6, shares=False)
     dec = Decomposition(**{k: v for k, v in out.items() if k != "iterations"}, sink=sink, iterations=0)
@@ -244,7 +244,7 @@ def position_command(model: str | Any, out_dir: str | Path, *, n_texts: int = 4,
     timings["random_analysis"] = time.perf_counter() - t0
 
     examples = example_heads(trained["r"])
-    maps = {name: head_maps(trained["qk"], layer, head, 0, sink) for name, (layer, head) in examples.items()}
+    maps = {name: head_maps(cfg, trained["qk"], layer, head, 0, sink) for name, (layer, head) in examples.items()}
     del trained["qk"]
 
     t0 = time.perf_counter()

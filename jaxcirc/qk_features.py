@@ -74,7 +74,7 @@ def frequency_stats(x: Array, cfg: ModelConfig, *, skip_first: int = 1) -> Frequ
     layers, batch, pos, heads, d_head = x.shape
     if not 0 <= skip_first < pos:
         raise ValueError(f"skip_first={skip_first} leaves no positions of the {pos} available.")
-    z, _ = phasors(x, cfg.rope.rotary_dim)
+    z, _ = phasors(x, cfg)
     z = z.reshape(layers, batch * pos, heads, -1)
     weight = jnp.tile(jnp.arange(pos) >= skip_first, batch).astype(jnp.float32)
     out = _pair_stats(z, weight)

@@ -203,3 +203,30 @@ def test_logits_from_hooked_qk_equal_hook_attn_scores(tiny):
     k = expand_kv(qk.k[1], CFG.n_heads)[:, None]  # [b, 1, k, head, d]
     rebuilt = jnp.moveaxis(logits_at_distance(q, k, (i - j)[None, :, :, None], CFG), -1, 1)
     np.testing.assert_allclose(np.where(j <= i, rebuilt, 0), np.where(j <= i, scores[1], 0), rtol=1e-4, atol=1e-4)
+
+
+# Query scale, attention soft cap and partial interleaved (GPT-J) rotary: the logits must still be
+# the scores the model's softmax sees, and rebuildable from pre-RoPE q/k at the distance alone.
+CAPPED = CFG.replace(query_scale=0.3, attn_softcap=2.0, d_head=12,
+                     rope=RopeConfig(theta=10000.0, rotary_dim=8, interleaved=True))
+
+
+def test_logits_follow_query_scale_soft_cap_and_interleaved_rotary():
+    model = Model(CAPPED, init_params(CAPPED, 1))
+    tokens = jax.random.randint(jax.random.key(1), (2, 10), 0, CAPPED.d_vocab)
+    names = qk_cache_names(CAPPED) + tuple(f"blocks.{l}.attn.hook_attn_scores" for l in range(CAPPED.n_layers))
+    _, cache = model.forward(model.params, tokens, Hooks(cache=names))
+    qk = stack_qk(CAPPED, cache)
+    scores = np.stack([cache[f"blocks.{l}.attn.hook_attn_scores"] for l in range(CAPPED.n_layers)])
+    assert np.abs(scores[np.isfinite(scores) & (scores > -1e30)]).max() < 2.0  # the cap is active
+    np.testing.assert_allclose(logits_from_qk(qk.rot_q, qk.rot_k, cfg=CAPPED), scores, rtol=1e-5, atol=1e-5)
+    assert not np.allclose(logits_from_qk(qk.rot_q, qk.rot_k), scores, atol=1e-3)  # 1/sqrt(d) would be wrong
+    i, j = np.arange(10)[:, None], np.arange(10)[None, :]
+    q = qk.q[0][:, :, None]
+    k = expand_kv(qk.k[0], CAPPED.n_heads)[:, None]
+    rebuilt = jnp.moveaxis(logits_at_distance(q, k, (i - j)[None, :, :, None], CAPPED), -1, 1)
+    np.testing.assert_allclose(np.where(j <= i, rebuilt, 0), np.where(j <= i, scores[0], 0), rtol=1e-4, atol=1e-4)
+    # The dummy-distance table at distance i - j is the same logit.
+    table = dummy_distance_logits(qk.q[0][0, 9], expand_kv(qk.k[0], CAPPED.n_heads)[0].swapaxes(0, 1),
+                                  jnp.arange(10), CAPPED)  # [head, D, key]
+    np.testing.assert_allclose(table[:, 9 - np.arange(10), np.arange(10)], scores[0][0, :, 9], rtol=1e-4, atol=1e-4)
