@@ -207,10 +207,25 @@ def test_info_describes_the_new_mechanisms(ported):
     assert describe_positional(ported["bloom"][0].config) == "alibi"
 
 
-def test_phasor_analyses_refuse_interleaved_rotary(ported):
-    """The position analyses pair dims (l, l + rotary_dim/2); GPT-J's pairs are (2l, 2l + 1)."""
-    from jaxcirc.attention_logits import inverse_frequencies
+def test_position_analyses_read_gptj_and_gemma2_logits(ported):
+    """GPT-J's interleaved rotary pairs (2l, 2l + 1), Gemma 2's query scale and soft cap: the
+    position analyses' logits are the model's attention scores, also when rebuilt from pre-RoPE
+    q/k at the relative distance alone."""
+    from jaxcirc.attention_logits import cache_qk, expand_kv, logits_at_distance, logits_from_qk
 
-    with pytest.raises(ValueError, match="interleaved"):
-        inverse_frequencies(ported["gptj"][0].config)
-    assert inverse_frequencies(ported["gemma2"][0].config).shape == (6,)
+    for name in ("gptj", "gemma2"):
+        model = ported[name][0]
+        cfg = model.config
+        tokens = jnp.asarray([[3, 7, 1, 9, 4, 2, 8, 5]]) % cfg.d_vocab
+        names = tuple(f"blocks.{l}.attn.hook_attn_scores" for l in range(cfg.n_layers))
+        _, cache = model.forward(model.params, tokens, jaxcirc.Hooks(cache=names))
+        scores = np.stack([cache[n] for n in names])  # [layer, batch, head, q, k]
+        qk = cache_qk(model, tokens)
+        kept = scores > -1e30  # causal and, for Gemma 2's sliding layers, inside the window
+        np.testing.assert_allclose(np.asarray(logits_from_qk(qk.rot_q, qk.rot_k, cfg=cfg))[kept], scores[kept],
+                                   rtol=1e-5, atol=1e-5, err_msg=name)
+        i, j = np.arange(8)[:, None], np.arange(8)[None, :]
+        q = qk.q[:, :, :, None]  # [layer, batch, q, 1, head, d]
+        k = expand_kv(qk.k, cfg.n_heads)[:, :, None]  # [layer, batch, 1, k, head, d]
+        rebuilt = jnp.moveaxis(logits_at_distance(q, k, (i - j)[None, None, :, :, None], cfg), -1, 2)
+        np.testing.assert_allclose(np.asarray(rebuilt)[kept], scores[kept], rtol=1e-4, atol=1e-4, err_msg=name)

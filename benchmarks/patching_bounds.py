@@ -1,0 +1,69 @@
+"""How far exact patching can lead TransformerLens on this machine: FLOPs per patch on each side.
+
+    python benchmarks/patching_bounds.py bench_gpt2.json bench_smollm2.json ...
+
+Reads `bench_vs_transformerlens.py` JSON files. For every patch_resid / patch_z row pair it counts
+the matmul FLOPs of one patch for TransformerLens (a full forward, logits at every position, full
+vocabulary) and what jaxcirc's resumed sweep must compute (layers >= l; positions >= p for
+position sweeps; the last block's keys and values everywhere but the rest at the metric position
+only; two unembedding columns), averaged over the sweep's patches, turns both measured rates into
+GFLOP/s, and prints the speed-up jaxcirc would reach at 100% of the run's matmul roofline.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from bench_vs_transformerlens import forward_flops
+from patching_throughput import GPT2_SMALL
+from prefix_reuse import SMOLLM2_SHAPE
+
+SHAPES = {"gpt2-small-shape": GPT2_SMALL, "smollm2-shape": SMOLLM2_SHAPE}
+
+
+def layer_flops(cfg, n_keys: int) -> int:
+    """Matmul FLOPs of one block for one token attending to n_keys keys."""
+    d, h, kv, dh = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.d_head
+    return 2 * d * (h + 2 * kv) * dh + 2 * h * dh * d + 4 * h * n_keys * dh + 2 * d * cfg.d_mlp * (3 if cfg.gated_mlp else 2)
+
+
+def resumed_flops(cfg, batch: int, pos: int, by_position: bool) -> float:
+    """Mean matmul FLOPs of one patch of a jaxcirc sweep by (layer, pos) or (layer, head)."""
+    kv_only = 2 * cfg.d_model * 2 * cfg.n_kv_heads * cfg.d_head
+    total, count = 0.0, 0
+    for layer in range(cfg.n_layers):
+        for p in range(pos) if by_position else [0]:
+            n = pos - p  # positions recomputed; a packed row's queries read about pos + 1 keys
+            if layer == cfg.n_layers - 1:
+                total += n * layer_flops(cfg, pos + 1)
+            else:
+                total += (cfg.n_layers - 1 - layer) * n * layer_flops(cfg, pos + 1) + n * kv_only + layer_flops(cfg, pos + 1)
+            count += 1
+    return batch * (total / count + 2 * 2 * cfg.d_model)
+
+
+def main() -> None:
+    print("| shape | batch x pos | sweep | TL GFLOP/patch | TL GFLOP/s (roofline) | jaxcirc GFLOP/patch | "
+          "jaxcirc GFLOP/s (roofline) | FLOP ratio | measured | at 100% roofline |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for path in sys.argv[1:]:
+        data = json.load(open(path))
+        roofline = data["machine"]["roofline_gflops_fp32"]
+        rates = {(r["model"], r["task"], r["batch"], r["pos"], r["impl"]): r["rate"] for r in data["rows"]}
+        for (model, task, batch, pos, impl), ours in rates.items():
+            if impl != "jaxcirc" or not task.startswith("patch"):
+                continue
+            cfg = SHAPES[model]
+            theirs = rates[(model, task, batch, pos, "transformer_lens")]
+            tl = forward_flops(cfg, batch, pos, pos)
+            us = resumed_flops(cfg, batch, pos, by_position=task == "patch_resid")
+            tl_rate, our_rate = tl * theirs / 1e9, us * ours / 1e9
+            sweep = "resid_pre by (layer, pos)" if task == "patch_resid" else "z by (layer, head)"
+            print(f"| {model} | {batch} x {pos} | {sweep} | {tl / 1e9:.1f} | {tl_rate:.0f} ({tl_rate / roofline:.0%}) | "
+                  f"{us / 1e9:.1f} | {our_rate:.0f} ({our_rate / roofline:.0%}) | {tl / us:.1f}x | {ours / theirs:.1f}x | "
+                  f"{tl / us * roofline / tl_rate:.1f}x |")
+
+
+if __name__ == "__main__":
+    main()
