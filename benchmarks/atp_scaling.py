@@ -25,7 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from harness import machine, matmul_chain_ceiling, matmul_roofline, time_call, write_rows  # noqa: E402
+from harness import machine, matmul_chain_ceiling, matmul_roofline, time_call, write_rows, write_table  # noqa: E402
 from patching_throughput import GPT2_SMALL, make_pairs, random_params  # noqa: E402
 from prefix_reuse import SMOLLM2_SHAPE, forward_flops  # noqa: E402
 
@@ -70,15 +70,12 @@ def main() -> None:
                       f"{100 * row['ceiling_fraction']:.0f}% of the {ceiling:.0f} GFLOP/s same-shape ceiling "
                       f"(load {row['load']:.1f})", flush=True)
                 write_rows(args.out, rows, meta)
-    with open(os.path.splitext(args.out)[0] + ".md", "w") as f:
-        f.write(f"roofline {roofline:.0f} GFLOP/s; command: `{meta['command']}`\n\n")
-        f.write("| model | layers | batch x pos | ms | pairs/s | GFLOP/s | roofline | ceiling GFLOP/s | of ceiling "
-                "| load |\n|---|---|---|---|---|---|---|---|---|---|\n")
-        for r in rows:
-            f.write(f"| {r['model']} | {r['n_layers']} | {r['batch']} x {r['pos']} | {r['median_s'] * 1e3:.0f} | "
-                    f"{r['pairs_per_s']:.2f} | {r['gflops']:.0f} | {100 * r['roofline_fraction']:.0f}% | "
-                    f"{r['ceiling_gflops']:.0f} | {100 * r['ceiling_fraction']:.0f}% | {r['load']:.1f} |\n")
-
+    write_table(os.path.splitext(args.out)[0] + ".md", f"roofline {roofline:.0f} GFLOP/s; command: `{meta['command']}`",
+                ["model", "layers", "batch x pos", "ms", "pairs/s", "GFLOP/s", "roofline", "ceiling GFLOP/s",
+                 "of ceiling", "load"],
+                [[r["model"], str(r["n_layers"]), f"{r['batch']} x {r['pos']}", f"{r['median_s'] * 1e3:.0f}",
+                  f"{r['pairs_per_s']:.2f}", f"{r['gflops']:.0f}", f"{100 * r['roofline_fraction']:.0f}%",
+                  f"{r['ceiling_gflops']:.0f}", f"{100 * r['ceiling_fraction']:.0f}%", f"{r['load']:.1f}"] for r in rows])
 
 if __name__ == "__main__":
     main()

@@ -117,6 +117,14 @@ def write_rows(path: str, rows: list[dict[str, Any]], meta: dict[str, Any]) -> N
         json.dump({"machine": meta, "rows": rows}, f, indent=2, default=float)
 
 
+def write_table(path: str, title: str, columns: list[str], cells: list[list[str]]) -> None:
+    """A markdown file: the title line, then a table with these columns and rows of cells."""
+    lines = [title, "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(row) + " |" for row in cells]
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
 def agree(a: Any, b: Any, atol: float, what: str) -> float:
     """Max-abs difference, raising if above `atol` (benchmarks only compare correct results)."""
     diff = float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))))

@@ -21,7 +21,7 @@ import time
 
 import numpy as np
 
-from harness import machine, matmul_roofline, write_rows
+from harness import machine, matmul_roofline, write_rows, write_table
 from patching_throughput import GPT2_SMALL, make_pairs, random_params
 
 from jaxcirc.model import Model
@@ -98,15 +98,13 @@ def main() -> None:
                               f"(x{row['speedup_vs_full'] or 1:.2f} vs full; first {first[name]:.0f} s; "
                               f"diff {row['max_abs_diff_vs_first']:.1e}; load {row['load']:.1f})", flush=True)
                     write_rows(args.out, rows, meta)
-    with open(os.path.splitext(args.out)[0] + ".md", "w") as f:
-        f.write(f"roofline {meta['roofline_gflops']:.0f} GFLOP/s; command: `{meta['command']}`\n\n")
-        f.write("| model | layers | batch x pos | site | variant | patches/s | vs full | full-forward-equivalent GFLOP/s | load |\n")
-        f.write("|---|---|---|---|---|---|---|---|---|\n")
-        for r in rows:
-            f.write(f"| {r['model']} | {r['n_layers']} | {r['batch']} x {r['pos']} | {r['site']} | {r['variant']} | "
-                    f"{r['patches_per_s']:.2f} | {r['speedup_vs_full'] or 1:.2f}x | "
-                    f"{r['full_forward_equiv_gflops']:.0f} | {r['load']:.1f} |\n")
-
+    write_table(os.path.splitext(args.out)[0] + ".md",
+                f"roofline {meta['roofline_gflops']:.0f} GFLOP/s; command: `{meta['command']}`",
+                ["model", "layers", "batch x pos", "site", "variant", "patches/s", "vs full",
+                 "full-forward-equivalent GFLOP/s", "load"],
+                [[r["model"], str(r["n_layers"]), f"{r['batch']} x {r['pos']}", r["site"], r["variant"],
+                  f"{r['patches_per_s']:.2f}", f"{r['speedup_vs_full'] or 1:.2f}x", f"{r['full_forward_equiv_gflops']:.0f}",
+                  f"{r['load']:.1f}"] for r in rows])
 
 if __name__ == "__main__":
     main()
