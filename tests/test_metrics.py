@@ -113,3 +113,25 @@ def test_pair_logits_reads_only_the_metric_position():
     assert calls[-1][1] == "H"
     with pytest.raises(ValueError, match="which"):
         pair_logits(forward, {}, pairs, which="both")
+
+
+@pytest.mark.parametrize("changes", [dict(tied_embeddings=True), dict(unembed_bias=True, final_softcap=3.0)],
+                         ids=["tied", "untied-bias-softcap"])
+def test_logit_diff_from_answer_and_foil_columns_only(changes):
+    """`logits_columns` unembeds just the answer and foil; logit_diff on them equals the full one."""
+    from jaxcirc.metrics import answer_foil_columns, logit_diff
+    from jaxcirc.models.transformer import make_forward
+    from tiny_models import llama_gqa, random_pairs, random_params
+
+    cfg = llama_gqa(**changes)
+    params, pairs = random_params(cfg, 3), random_pairs(4, 6, 7)
+    forward = make_forward(cfg)
+    full, _ = forward(params, pairs.clean, None, logits_at=pairs.position)
+    columns, view = answer_foil_columns(logit_diff, pairs)
+    two, _ = forward(params, pairs.clean, None, logits_at=pairs.position, logits_columns=columns)
+    assert two.shape == (6, 2)
+    np.testing.assert_allclose(two, np.take_along_axis(np.asarray(full), np.asarray(columns), axis=1), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(logit_diff(two, view), logit_diff(full, pairs), rtol=1e-6, atol=1e-6)
+    assert answer_foil_columns(logprob, pairs) == (None, pairs)  # needs the whole vocabulary
+    with pytest.raises(ValueError, match="logits_at"):
+        forward(params, pairs.clean, None, logits_columns=columns)
