@@ -86,12 +86,13 @@ def make_hf(name: str, overrides: dict[str, int], seed: int = 0):
     return family, model
 
 
-def make_pairs(batch: int, pos: int, vocab: int, seed: int = 1):
-    """Random clean tokens, corrupt = clean with positions pos//3 and pos//2 changed."""
+def make_pairs(batch: int, pos: int, vocab: int, seed: int = 1, corrupt_at: list[int] | None = None):
+    """Random clean tokens, corrupt = clean with the positions `corrupt_at` (default pos//3 and
+    pos//2) changed: every pair shares its first min(corrupt_at) tokens."""
     rng = np.random.default_rng(seed)
     clean = rng.integers(0, vocab, (batch, pos)).astype(np.int32)
     corrupt = clean.copy()
-    for p in sorted({pos // 3, pos // 2}):
+    for p in sorted(set(corrupt_at or [pos // 3, pos // 2])):
         corrupt[:, p] = (clean[:, p] + 1 + rng.integers(0, vocab - 1, batch)) % vocab
     answer = rng.integers(0, vocab, batch).astype(np.int32)
     foil = ((answer + 1 + rng.integers(0, vocab - 1, batch)) % vocab).astype(np.int32)
@@ -290,6 +291,8 @@ def run(args) -> tuple[list[dict], dict]:
     graph = Graph.from_config(cfg)
     meta.update(model=args.model, config=str(cfg), torch_threads=torch.get_num_threads())
     tasks = args.tasks.split(",")
+    corrupt_at = [int(p) for p in args.corrupt_at.split(",") if p.strip()]
+    meta["corrupt_at"] = corrupt_at or "pos//3,pos//2"
     rows: list[dict] = []
 
     def record(task, batch, pos, unit, n_units, timings, diff, scale, flops=None, note=""):
@@ -309,7 +312,7 @@ def run(args) -> tuple[list[dict], dict]:
 
     for batch in [int(b) for b in args.batches.split(",")]:
         pos = args.pos
-        clean, corrupt, answer, foil = make_pairs(batch, pos, cfg.d_vocab)
+        clean, corrupt, answer, foil = make_pairs(batch, pos, cfg.d_vocab, corrupt_at=corrupt_at)
         pairs = from_tokens(clean, corrupt, answer, foil)
         clean_t, corrupt_t = torch.as_tensor(clean).long(), torch.as_tensor(corrupt).long()
         answer_t, foil_t = torch.as_tensor(answer).long(), torch.as_tensor(foil).long()
@@ -412,6 +415,8 @@ def main() -> None:
     parser.add_argument("--d-model", type=int, default=0)
     parser.add_argument("--n-heads", type=int, default=0)
     parser.add_argument("--vocab", type=int, default=0)
+    parser.add_argument("--corrupt-at", default="", help="comma-separated positions the corrupted prompts change "
+                        "(default pos//3,pos//2); patching skips the prefix every pair shares")
     parser.add_argument("--out", default="bench_vs_transformerlens.json")
     args = parser.parse_args()
     start = time.perf_counter()

@@ -5,8 +5,10 @@
 Reads `bench_vs_transformerlens.py` JSON files. For every patch_resid / patch_z row pair it counts
 the matmul FLOPs of one patch for TransformerLens (a full forward, logits at every position, full
 vocabulary) and what jaxcirc's resumed sweep must compute (layers >= l; positions >= p for
-position sweeps; the last block's keys and values everywhere but the rest at the metric position
-only; two unembedding columns), averaged over the sweep's patches, turns both measured rates into
+position sweeps, and none of the prefix every pair shares; a head sweep's start block only
+projects the heads' outputs; the last block's keys and values everywhere but the rest at the
+metric position only; two unembedding columns), averaged over the sweep's patches (those inside
+the shared prefix count, at no cost), turns both measured rates into
 GFLOP/s, and prints the speed-up jaxcirc would reach at 100% of the run's matmul roofline.
 """
 
@@ -28,19 +30,27 @@ def layer_flops(cfg, n_keys: int) -> int:
     return 2 * d * (h + 2 * kv) * dh + 2 * h * dh * d + 4 * h * n_keys * dh + 2 * d * cfg.d_mlp * (3 if cfg.gated_mlp else 2)
 
 
-def resumed_flops(cfg, batch: int, pos: int, by_position: bool) -> float:
-    """Mean matmul FLOPs of one patch of a jaxcirc sweep by (layer, pos) or (layer, head)."""
-    kv_only = 2 * cfg.d_model * 2 * cfg.n_kv_heads * cfg.d_head
+def resumed_flops(cfg, batch: int, pos: int, by_position: bool, shared: int = 0) -> float:
+    """Mean matmul FLOPs of one patch of a jaxcirc sweep by (layer, pos) or (layer, head), the
+    pairs sharing their first `shared` tokens."""
+    d, dh = cfg.d_model, cfg.d_head
+    kv_only = 2 * d * 2 * cfg.n_kv_heads * dh
+    # A head patch's start block reads the unpatched heads' outputs: output projection + MLP.
+    start_block = (lambda keys: 2 * cfg.n_heads * dh * d + 2 * d * cfg.d_mlp * (3 if cfg.gated_mlp else 2)) \
+        if not by_position else (lambda keys: layer_flops(cfg, keys))
     total, count = 0.0, 0
     for layer in range(cfg.n_layers):
-        for p in range(pos) if by_position else [0]:
+        for p in range(pos) if by_position else [shared]:
+            count += 1
+            if p < shared:
+                continue  # both runs agree there: not run
             n = pos - p  # positions recomputed; a packed row's queries read about pos + 1 keys
             if layer == cfg.n_layers - 1:
-                total += n * layer_flops(cfg, pos + 1)
+                total += n * start_block(pos + 1)
             else:
-                total += (cfg.n_layers - 1 - layer) * n * layer_flops(cfg, pos + 1) + n * kv_only + layer_flops(cfg, pos + 1)
-            count += 1
-    return batch * (total / count + 2 * 2 * cfg.d_model)
+                total += (cfg.n_layers - 2 - layer) * n * layer_flops(cfg, pos + 1) + n * kv_only + n * start_block(pos + 1) \
+                    + layer_flops(cfg, pos + 1)
+    return batch * (total / count + 2 * 2 * d)
 
 
 def main() -> None:
@@ -50,6 +60,7 @@ def main() -> None:
     for path in sys.argv[1:]:
         data = json.load(open(path))
         roofline = data["machine"]["roofline_gflops_fp32"]
+        corrupt_at = data["machine"].get("corrupt_at")  # absent: files from before the shared-prefix skip
         rates = {(r["model"], r["task"], r["batch"], r["pos"], r["impl"]): r["rate"] for r in data["rows"]}
         for (model, task, batch, pos, impl), ours in rates.items():
             if impl != "jaxcirc" or not task.startswith("patch"):
@@ -57,7 +68,8 @@ def main() -> None:
             cfg = SHAPES[model]
             theirs = rates[(model, task, batch, pos, "transformer_lens")]
             tl = forward_flops(cfg, batch, pos, pos)
-            us = resumed_flops(cfg, batch, pos, by_position=task == "patch_resid")
+            shared = 0 if corrupt_at is None else (pos // 3 if isinstance(corrupt_at, str) else min(corrupt_at))
+            us = resumed_flops(cfg, batch, pos, by_position=task == "patch_resid", shared=shared)
             tl_rate, our_rate = tl * theirs / 1e9, us * ours / 1e9
             sweep = "resid_pre by (layer, pos)" if task == "patch_resid" else "z by (layer, head)"
             print(f"| {model} | {batch} x {pos} | {sweep} | {tl / 1e9:.1f} | {tl_rate:.0f} ({tl_rate / roofline:.0%}) | "

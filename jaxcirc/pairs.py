@@ -75,6 +75,13 @@ class MinimalPairs:
         """int32 [batch] number of real tokens of each example."""
         return self.mask.sum(axis=1).astype(jnp.int32)
 
+    def shared_prefix(self) -> int:
+        """How many leading positions every pair's clean and corrupted tokens agree at (n_pos when
+        they agree everywhere). With causal attention every activation there is the same in both
+        runs. Reads the tokens on the host: call it outside jit."""
+        differs = np.any(np.asarray(self.clean) != np.asarray(self.corrupt), axis=0)
+        return int(np.argmax(differs)) if differs.any() else self.n_pos
+
     def take(self, indices: Any) -> "MinimalPairs":
         """The pairs at `indices` (ints or a bool mask over the batch), in that order."""
         idx = np.asarray(indices)

@@ -54,7 +54,7 @@ from jaxcirc.memory import device_budget, device_bytes, plan_chunks
 from jaxcirc.metrics import Metric, answer_foil_columns, get_metric, metric_name, normalise
 from jaxcirc.models import hook_points
 from jaxcirc.models.config import ModelConfig
-from jaxcirc.models.resume import final_logits, packed_pair, run_from_layer, supports_resume, whole
+from jaxcirc.models.resume import final_logits, packed_pair, run_from_layer, suffix, supports_resume
 from jaxcirc.models.transformer import make_forward
 from jaxcirc.pairs import MinimalPairs
 from jaxcirc.sharding import DATA, place, to_host
@@ -311,7 +311,11 @@ _compiled_sweep = jax.jit(_sweep_program, static_argnames=("cfg", "spec", "metri
 # keys/values of earlier positions from the unpatched run. The suffixes from p and from
 # pos - 1 - p together fill one row of pos + 1 slots (`models.resume.packed_pair`), so every row
 # has the same length and no slot is wasted. A chunk of rows shares its start layer (a traced
-# scalar: one program serves every layer). Exact: the tests compare it with the full forwards.
+# scalar: one program serves every layer). When every pair's clean and corrupted prompts share
+# their first s tokens (`MinimalPairs.shared_prefix`), the two runs' activations are equal there,
+# so a resampled patch changes nothing at positions < s: rows hold only positions >= s and
+# patches that select only positions < s are not run (their metric is the unpatched run's).
+# Exact: the tests compare it with the full forwards.
 
 
 # On CPU a chunk of more than a few thousand tokens per layer spills out of the caches: measured on
@@ -321,19 +325,27 @@ _compiled_sweep = jax.jit(_sweep_program, static_argnames=("cfg", "spec", "metri
 CPU_CHUNK_TOKENS = 2560
 
 
+def after_heads(cfg: ModelConfig, spec: SiteSpec) -> bool:
+    """Whether the site comes at or after attn.hook_z in its block: a patch there leaves the start
+    block's heads as they were, so the resumed run takes their outputs from the unpatched run."""
+    order = list(hook_points.block_points(cfg))
+    return order.index(spec.template) >= order.index("attn.hook_z")
+
+
 def packs_positions(spec: SiteSpec) -> bool:
     """Whether the resumed sweep packs position suffixes (the patches select one position each)."""
     return "pos" in spec.by and "pos" in spec.dims
 
 
-def resume_schedule(table: np.ndarray, spec: SiteSpec, n_layers: int, pos: int, limit: int
+def resume_schedule(table: np.ndarray, spec: SiteSpec, n_layers: int, pos: int, limit: int, shared: int = 0
                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Arrange patches (rows of `table` [n, len(by)]) in rows of the resumed program, grouped in
     chunks of at most `limit` rows that share a start layer.
 
     With position packing a row holds the patch at position p (first segment) and one at
-    pos - 1 - p (second segment), either missing when the table has none; otherwise a row is one
-    patch. Returns (starts [n_chunks] start layer, firsts [n_chunks, rows] each row's p,
+    pos + shared - 1 - p (second segment), either missing when the table has none; otherwise a
+    row is one patch. Patches at a position < `shared` (where both runs agree) are left out.
+    Returns (starts [n_chunks] start layer, firsts [n_chunks, rows] each row's p,
     indices [n_chunks, rows, segments, len(by)], slots [n_chunks, rows, segments] the table row
     of each segment, -1 for none). Empty segments select nothing (layer -1); a patch that
     selects no layer runs from the last layer with nothing patched: the unpatched run.
@@ -342,28 +354,31 @@ def resume_schedule(table: np.ndarray, spec: SiteSpec, n_layers: int, pos: int, 
     start = np.where(table[:, layer_j] >= 0, table[:, layer_j], n_layers - 1)
     rows: dict[int, list[tuple[int, list[int]]]] = {s: [] for s in range(n_layers)}
     if packs_positions(spec):
-        at = np.maximum(table[:, spec.by.index("pos")], 0)
-        first = np.minimum(at, pos - 1 - at)
+        requested = table[:, spec.by.index("pos")]
+        at = np.where(requested >= 0, requested, shared)  # -1 selects no position: any row will do
+        first = np.minimum(at, pos + shared - 1 - at)
         for s in range(n_layers):
-            for p in np.unique(first[start == s]):
+            for p in np.unique(first[(start == s) & (at >= shared)]):
                 here = (start == s) & (first == p)
                 lists = [np.flatnonzero(here & (at == p)), np.flatnonzero(here & (at != p))]
-                if p == pos - 1 - p:  # the middle position (odd pos) fills both segments
+                if p == pos + shared - 1 - p:  # the middle position fills both segments
                     both = np.flatnonzero(here)
                     lists = [both[0::2], both[1::2]]
                 for k in range(max(len(lists[0]), len(lists[1]))):
                     rows[s].append((int(p), [int(x[k]) if k < len(x) else -1 for x in lists]))
     else:
         for i, s in enumerate(start):
-            rows[int(s)].append((0, [i]))
+            rows[int(s)].append((shared, [i]))
     segments = 2 if packs_positions(spec) else 1
+    if not any(rows.values()):  # every patch lies in the shared prefix: one no-op row still runs the baselines
+        rows[n_layers - 1].append((shared, [-1] * segments))
     most = max(len(r) for r in rows.values())
     chunk = -(-most // -(-most // limit))  # evened out: 8 rows at a limit of 5 run as 4 + 4, not 5 + 3 (+2 padding)
     starts, firsts, indices, slots = [], [], [], []
     for s, members in rows.items():
         for i in range(0, len(members), chunk):
             part = members[i:i + chunk]
-            part += [(0, [-1] * segments)] * (chunk - len(part))
+            part += [(shared, [-1] * segments)] * (chunk - len(part))
             starts.append(s)
             firsts.append([p for p, _ in part])
             slot = np.asarray([members for _, members in part], np.int64)
@@ -374,9 +389,11 @@ def resume_schedule(table: np.ndarray, spec: SiteSpec, n_layers: int, pos: int, 
 
 
 def _resumed_sweep_program(params: Any, pairs: MinimalPairs, starts: Array, firsts: Array, indices: Array, *,
-                           cfg: ModelConfig, spec: SiteSpec, metric: Metric, direction: str, source: str):
+                           cfg: ModelConfig, spec: SiteSpec, metric: Metric, direction: str, source: str,
+                           shared: int):
     """The sweep with prefix reuse: starts int32 [n_chunks] (each chunk's start layer), firsts
-    int32 [n_chunks, rows], indices int32 [n_chunks, rows, segments, len(by)] (see resume_schedule).
+    int32 [n_chunks, rows], indices int32 [n_chunks, rows, segments, len(by)] (see resume_schedule);
+    rows hold positions >= shared only (0 unless the patches resample and the pairs share a prefix).
 
     Returns (clean_metric [pair], corrupt_metric [pair], patched [n_chunks, rows, segments, pair]).
     """
@@ -387,8 +404,12 @@ def _resumed_sweep_program(params: Any, pairs: MinimalPairs, starts: Array, firs
     need_source = source != "zero"
     k_template = "attn.hook_rot_k" if cfg.positional == "rotary" else "attn.hook_k"
     templates = ["hook_resid_pre"] + ([spec.template] if need_source else [])
-    if packed:
+    with_prefix = packed or shared > 0
+    if with_prefix:
         templates += [k_template, "attn.hook_v"]
+    from_z = after_heads(cfg, spec)
+    if from_z:
+        templates.append("attn.hook_z")
     both = jnp.concatenate([pairs.clean, pairs.corrupt])
     twice = jnp.concatenate([pairs.position, pairs.position])
     hooks = Hooks(cache=tuple(f"blocks.*.{t}" for t in dict.fromkeys(templates)))
@@ -411,13 +432,17 @@ def _resumed_sweep_program(params: Any, pairs: MinimalPairs, starts: Array, firs
             else jnp.zeros((layers,) + act_shape, jnp.dtype(cfg.dtype)))  # only its shape/dtype is used
     values = _source_values(spec, source, acts, pairs.mask)
     base_resid = stacked("hook_resid_pre", base_run)  # [layer, batch, pos, d_model]
-    prefix_kv = (stacked(k_template, base_run), stacked("attn.hook_v", base_run)) if packed else None
+    # Unpacked rows start at `shared` and read no key after it.
+    n_prefix = pos if packed else shared
+    prefix_kv = (tuple(stacked(t, base_run)[:, :, :n_prefix] for t in (k_template, "attn.hook_v"))
+                 if with_prefix else None)
+    base_z = stacked("attn.hook_z", base_run) if from_z else None  # [layer, batch, pos, head, d_head]
     ndim = len(spec.dims)
     real = _real_positions(spec.dims, pairs.mask)
     pos_axis = spec.dims.index("pos") if "pos" in spec.dims else None
     layer_j = spec.by.index("layer")
     at = pairs.position
-    n = pos + 1 if packed else pos
+    n = pos - shared + 1 if packed else pos - shared
 
     def to_slots(a: Array, positions: Array) -> Array:
         if pos_axis is None or a.shape[pos_axis] == 1:
@@ -428,9 +453,10 @@ def _resumed_sweep_program(params: Any, pairs: MinimalPairs, starts: Array, firs
         start, chunk_firsts, chunk = xs
         resid_all = jax.lax.dynamic_index_in_dim(base_resid, start, 0, keepdims=False)
         value_all = jax.lax.dynamic_index_in_dim(values, start, 0, keepdims=False)
+        z_all = None if base_z is None else jax.lax.dynamic_index_in_dim(base_z, start, 0, keepdims=False)
 
         def patched_metrics(first: Array, idx: Array) -> Array:
-            packing = packed_pair(pos, first) if packed else whole(pos)
+            packing = packed_pair(pos, first, shared) if packed else suffix(pos, shared)
             slots = packing.positions
             select = jnp.zeros((1,) * ndim, bool)
             for seg in range(idx.shape[0]):
@@ -446,10 +472,12 @@ def _resumed_sweep_program(params: Any, pairs: MinimalPairs, starts: Array, firs
             plan = make_plan(cfg, Hooks({f"blocks.0.{spec.template}": iv}), batch, n)
             hook = HookContext(plan, start, {}, {spec.template: iv})
             # Each segment reads the metric at its slot of the metric position (packed_pair's layout).
-            seg_first, seg_slot = ([first, pos - 1 - first], [at - first, at + 1]) if packed else ([0], [at])
+            partner = pos + shared - 1 - first
+            seg_first, seg_slot = (([first, partner], [at - first, at - shared + 1]) if packed
+                                   else ([shared], [at - shared]))
             query_at = jnp.clip(jnp.stack(seg_slot, axis=1), 0, n - 1)
             x = run_from_layer(cfg, params, resid_all[:, slots], start, hook, packing=packing, prefix_kv=prefix_kv,
-                               query_at=query_at)
+                               query_at=query_at, start_z=None if z_all is None else z_all[:, slots])
             out = []
             for seg, seg_start in enumerate(seg_first):
                 logits = final_logits(cfg, params, x[:, seg], columns)
@@ -464,7 +492,7 @@ def _resumed_sweep_program(params: Any, pairs: MinimalPairs, starts: Array, firs
 
 
 _compiled_resumed_sweep = jax.jit(_resumed_sweep_program,
-                                  static_argnames=("cfg", "spec", "metric", "direction", "source"))
+                                  static_argnames=("cfg", "spec", "metric", "direction", "source", "shared"))
 
 
 def dim_sizes_all(cfg: ModelConfig, spec: SiteSpec, pos: int) -> tuple[int, ...]:
@@ -531,7 +559,10 @@ def patch_sweep(model: Any, pairs: MinimalPairs, site: str, by: str | Sequence[s
     prefix_reuse: start each patch from the unpatched run's residual at its layer and, when `by`
       has "pos", recompute only the positions from the patched one on (two such suffixes per
       row); the last layer runs only where the metric reads, and `logit_diff` unembeds only the
-      answer and foil. Same results, fewer FLOPs. Falls back to full forwards where
+      answer and foil. With source="resample", positions every pair's prompts share
+      (`pairs.shared_prefix()`) are not recomputed and patches only there are not run (one
+      compiled program per shared-prefix length); patches at z or later reuse the start block's
+      unpatched head outputs. Same results, fewer FLOPs. Falls back to full forwards where
       `models.resume.supports_resume(cfg)` is False. False: one full forward per patch.
     Returns a PatchResult with `patch_effect` [*by] (see the module docstring for padding).
     """
@@ -561,6 +592,9 @@ def patch_sweep(model: Any, pairs: MinimalPairs, site: str, by: str | Sequence[s
     n_patches = len(table)
     if n_patches == 0:
         raise ValueError("No patches to run.")
+    # Both runs' activations agree on the shared prefix only for sites indexed by token position
+    # (not pattern's query/key grid) and only when the patch writes the other run's values.
+    shared = min(pairs.shared_prefix(), pos - 1) if source == "resample" and "pos" in spec.dims else 0
     params, pairs = place(params, pairs, mesh, cfg)
     fixed, per_patch_bytes = sweep_memory(cfg, params, spec, batch, pos, mesh,
                                           resumed=prefix_reuse and supports_resume(cfg))
@@ -569,17 +603,19 @@ def patch_sweep(model: Any, pairs: MinimalPairs, site: str, by: str | Sequence[s
     if prefix_reuse and supports_resume(cfg):
         if max_patches_per_chunk is None and jax.default_backend() == "cpu":
             tokens_per_row = -(-batch // (dict(mesh.shape).get(DATA, 1) if mesh is not None else 1)) * (
-                pos + 1 if packs_positions(spec) else pos)
+                pos - shared + 1 if packs_positions(spec) else pos - shared)
             chunk = min(chunk, max(1, CPU_CHUNK_TOKENS // tokens_per_row))
-        starts, firsts, groups, slots = resume_schedule(table, spec, cfg.n_layers, pos, chunk)
+        starts, firsts, groups, slots = resume_schedule(table, spec, cfg.n_layers, pos, chunk, shared)
         chunk, n_chunks = groups.shape[1], len(starts)
         clean_m, corrupt_m, patched = _compiled_resumed_sweep(
             params, pairs, starts, firsts, groups, cfg=cfg, spec=spec, metric=metric_fn, direction=direction,
-            source=source)
+            source=source, shared=shared)
         clean_m, corrupt_m, patched, mask = to_host((clean_m, corrupt_m, patched, pairs.mask))
         patched = np.asarray(patched, np.float64).reshape(-1, batch)
         slots = slots.reshape(-1)
-        per_patch = np.empty((n_patches, batch), np.float64)
+        # Patches the schedule left out patch only the shared prefix: the unpatched run's metric.
+        per_patch = np.tile(np.asarray(corrupt_m if direction == "denoising" else clean_m, np.float64),
+                            (n_patches, 1))
         per_patch[slots[slots >= 0]] = patched[slots >= 0]
     else:
         padded = np.full((n_chunks * chunk, len(spec.by)), -1, np.int32)  # padding patches select nothing

@@ -252,6 +252,10 @@ class Attention(nnx.Module):
         pattern = hook("attn.hook_pattern", pattern.astype(q.dtype))
         pg = pattern.reshape(batch, cfg.n_kv_heads, g, pos, n_k)
         z = jnp.einsum("bngqk,bknd->bqngd", pg, v).reshape(batch, pos, cfg.n_heads, cfg.d_head)
+        return self.output(z, hook)
+
+    def output(self, z: Array, hook=_no_hook) -> Array:
+        """The heads' outputs z [batch, pos, head, d_head] (hooked) -> [batch, pos, d_model]."""
         z = hook("attn.hook_z", z)
         if hook is not _no_hook and hook.uses("attn.hook_result"):
             result = hook("attn.hook_result", jnp.einsum("bphd,hdm->bphm", z, self.W_O[...]))
@@ -330,12 +334,19 @@ class Block(nnx.Module):
 
     def __call__(self, x: Array, hook=_no_hook, rope: tuple[Array, Array] | None = None,
                  position_ids: Array | None = None, local_window: Array | None = None,
-                 prefix_kv: tuple[Array, Array] | None = None, mask: Array | None = None) -> Array:
+                 prefix_kv: tuple[Array, Array] | None = None, mask: Array | None = None,
+                 z: Array | None = None) -> Array:
         """x: residual stream [batch, pos, d_model] -> [batch, pos, d_model]. `position_ids`
-        [batch, pos], this layer's `local_window`, `prefix_kv` and `mask` as in `Attention`."""
+        [batch, pos], this layer's `local_window`, `prefix_kv` and `mask` as in `Attention`.
+        `z` [batch, pos, head, d_head]: the heads' outputs, already known (a resumed run whose
+        intervention is at hook_z or later): the attention then only projects them, and the
+        hooks before attn.hook_z do not run."""
         resid_pre = hook("hook_resid_pre", x)
-        attn_out = self.attn(*self._attention_inputs(resid_pre, hook), hook, rope, position_ids, local_window,
-                             prefix_kv, mask)
+        if z is None:
+            attn_out = self.attn(*self._attention_inputs(resid_pre, hook), hook, rope, position_ids, local_window,
+                                 prefix_kv, mask)
+        else:
+            attn_out = self.attn.output(z, hook)
         if self.ln1_post is not None:
             attn_out = self.ln1_post(attn_out, hook, "ln1_post")
         attn_out = hook("hook_attn_out", attn_out)

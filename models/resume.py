@@ -5,7 +5,11 @@ causal attention, every position < p unchanged at every layer. So an intervened 
 from the unintervened run's residual at layer l, recompute only positions >= p, and read the
 keys/values of the earlier positions from the unintervened run. Two such suffixes, from p and
 from n_pos - 1 - p, fill one row of n_pos + 1 slots exactly (`packed_pair`), so a sweep over
-positions recomputes what it must and nothing else, in rows of equal length:
+positions recomputes what it must and nothing else, in rows of equal length. When the intervened
+and unintervened inputs share their first `shared` tokens and the intervention writes the other
+run's activations there (activation patching between minimal pairs), positions < shared cannot
+change either: rows then hold only positions >= shared (`suffix(n_pos, shared)`, or two suffixes
+in n_pos - shared + 1 slots: `packed_pair(n_pos, p, shared)`):
 
     packing = packed_pair(n_pos, p)
     x = run_from_layer(cfg, params, resid_pre[start][:, packing.positions], start, hook,
@@ -58,20 +62,21 @@ class Packing:
     segment_start: Array
 
 
-def whole(n_pos: int) -> Packing:
-    """One segment: the positions 0..n_pos-1 in order."""
-    zeros = jnp.zeros(n_pos, jnp.int32)
-    return Packing(jnp.arange(n_pos, dtype=jnp.int32), zeros, zeros)
+def suffix(n_pos: int, first: int = 0) -> Packing:
+    """One segment: the positions first..n_pos-1 in order (n_pos - first slots; `first` static)."""
+    positions = jnp.arange(first, n_pos, dtype=jnp.int32)
+    return Packing(positions, jnp.zeros_like(positions), jnp.full_like(positions, first))
 
 
-def packed_pair(n_pos: int, first: Array) -> Packing:
-    """Two suffixes in n_pos + 1 slots: positions first..n_pos-1 (segment 0), then
-    n_pos-1-first..n_pos-1 (segment 1). Position q sits in slot q - first (segment 0) and
-    q + 1 (segment 1). `first` may be traced."""
-    slot = jnp.arange(n_pos + 1, dtype=jnp.int32)
+def packed_pair(n_pos: int, first: Array, shared: int = 0) -> Packing:
+    """Two suffixes in n_pos - shared + 1 slots: positions first..n_pos-1 (segment 0), then
+    partner..n_pos-1 with partner = n_pos + shared - 1 - first (segment 1), for shared <= first
+    <= partner. Position q sits in slot q - first (segment 0) and q - shared + 1 (segment 1).
+    `first` may be traced; `shared` (positions no row recomputes) is static."""
+    slot = jnp.arange(n_pos - shared + 1, dtype=jnp.int32)
     second = slot >= n_pos - first
-    return Packing(jnp.where(second, slot - 1, first + slot), second.astype(jnp.int32),
-                   jnp.where(second, n_pos - 1 - first, first).astype(jnp.int32))
+    return Packing(jnp.where(second, slot + shared - 1, first + slot), second.astype(jnp.int32),
+                   jnp.where(second, n_pos + shared - 1 - first, first).astype(jnp.int32))
 
 
 def key_mask(cfg: ModelConfig, packing: Packing, n_prefix: int, local_window: Array | None = None) -> Array:
@@ -86,7 +91,7 @@ def key_mask(cfg: ModelConfig, packing: Packing, n_prefix: int, local_window: Ar
 
 def run_from_layer(cfg: ModelConfig, params: Params, resid: Array, start: Array, hook=_no_hook, *,
                    packing: Packing | None = None, prefix_kv: tuple[Array, Array] | None = None,
-                   query_at: Array | None = None) -> Array:
+                   query_at: Array | None = None, start_z: Array | None = None) -> Array:
     """Run blocks start..n_layers-1 on resid [batch, n, d_model], the residual before block
     `start` at the slots of `packing` (default: positions 0..n-1). Returns the residual after the
     last block [batch, n, d_model] (before ln_final), or with `query_at` [batch, k] (slot
@@ -97,6 +102,9 @@ def run_from_layer(cfg: ModelConfig, params: Params, resid: Array, start: Array,
     every layer, each [layer, batch, n_prefix, kv_head, d_head], read where `packing` allows.
     query_at: the last block then computes keys and values at every slot but the rest (queries,
     attention, MLP) only at `query_at`, which is all a metric read there needs.
+    start_z: [batch, n, head, d_head] the unintervened run's head outputs (attn.hook_z) in block
+    `start` at the row's slots, when `hook` intervenes at hook_z or later there: that block then
+    skips its queries, keys, values and pattern, which the intervention cannot change.
     """
     if not supports_resume(cfg):
         raise ValueError("run_from_layer cannot resume ALiBi or LM-Infinite's distance cap (they need "
@@ -104,7 +112,7 @@ def run_from_layer(cfg: ModelConfig, params: Params, resid: Array, start: Array,
     model = bind(cfg, params)
     block_def, block_state = nnx.split(model.blocks)
     batch, n = resid.shape[:2]
-    packing = whole(n) if packing is None else packing
+    packing = suffix(n) if packing is None else packing
     n_prefix = 0 if prefix_kv is None else prefix_kv[0].shape[2]
     rope = None
     if cfg.positional == "rotary":
@@ -117,12 +125,14 @@ def run_from_layer(cfg: ModelConfig, params: Params, resid: Array, start: Array,
     def mask_at(layer):
         return key_mask(cfg, packing, n_prefix, None if windows is None else windows[layer])
 
-    def run(layer, x, hook):
+    def run(layer, x, hook, z=None):
         block = nnx.merge(block_def, at(block_state, layer))
+        if z is not None:
+            return block(x, hook, z=z)
         return block(x, hook, rope, None, None, None if prefix_kv is None else at(prefix_kv, layer), mask_at(layer))
 
     start = jnp.asarray(start, jnp.int32)
-    x = run(start, resid, hook)
+    x = run(start, resid, hook, start_z)
     last = cfg.n_layers - 1
     if query_at is None:
         return jax.lax.fori_loop(start + 1, cfg.n_layers, lambda l, x: run(l, x, _no_hook), x)

@@ -186,3 +186,11 @@ def test_take_slice_batches_and_pytree():
     np.testing.assert_array_equal(doubled, np.arange(7) * 2)
     with pytest.raises(IndexError):
         pairs.take([7])
+
+
+def test_shared_prefix_is_where_every_pair_still_agrees():
+    clean = [[5, 6, 7, 8], [5, 9, 7]]
+    pairs = from_tokens(clean, [[5, 6, 2, 8], [5, 9, 7]], answer=[1, 2], foil=[3, 4])
+    assert pairs.shared_prefix() == 2  # the first pair differs at position 2, the second nowhere
+    assert pairs[1].shared_prefix() == 4  # identical prompts (padding included) share everything
+    assert from_tokens(clean, [[0, 6, 7, 8], [5, 9, 7]], answer=[1, 2], foil=[3, 4]).shared_prefix() == 0

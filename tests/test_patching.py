@@ -22,7 +22,7 @@ from jaxcirc.models.config import ModelConfig, RopeConfig
 from jaxcirc.models.resume import key_mask, packed_pair
 from jaxcirc.models.transformer import make_forward, param_shapes
 from jaxcirc.pairs import from_tokens
-from jaxcirc.patching import (PatchResult, chunking, compile_log, estimate_patch_bytes,
+from jaxcirc.patching import (PatchResult, after_heads, chunking, compile_log, estimate_patch_bytes,
                               patch_sweep, resolve_site, resume_schedule)
 
 VOCAB = 41
@@ -368,3 +368,77 @@ def test_packed_pair_layout_and_mask():
     # the first segment; slot 1 (position 2, first segment) reads key 0 and slots 0-1.
     assert mask[4].tolist() == [True, True, True, False, False] + [False] * 4 + [True, False]
     assert mask[1].tolist() == [True, False, False, False, False] + [True, True, False, False, False, False]
+
+
+# ---------------------------------------------------------------------------- shared prefix
+
+@pytest.fixture(scope="module")
+def shared_pairs():
+    """Three pairs of lengths 5, 3, 5 (the second right-padded) that agree at positions 0 and 1."""
+    rng = np.random.default_rng(11)
+    clean = [rng.integers(0, VOCAB, n).tolist() for n in (5, 3, 5)]
+    corrupt = [list(c) for c in clean]
+    for c in corrupt:
+        c[2] = (c[2] + 3) % VOCAB
+    corrupt[0][4] = (corrupt[0][4] + 1) % VOCAB
+    return from_tokens(clean, corrupt, answer=[3, 9, 17], foil=[4, 30, 2], pad_id=0)
+
+
+SHARED_CASES = [
+    # packed suffixes in pos - 2 + 1 slots; rows of positions 2.. for heads (GQA + rotary keys
+    # from the prefix); k by (layer, head); windows and soft caps; zero patches (no shared rows).
+    ("gpt2", "resid_pre", ("layer", "pos"), "denoising", "resample"),
+    ("pythia", "z", ("layer", "head", "pos"), "noising", "resample"),
+    ("llama", "z", ("layer", "head"), "denoising", "resample"),
+    ("llama", "k", ("layer", "head"), "noising", "resample"),
+    ("gemma_like", "resid_pre", ("layer", "pos"), "denoising", "resample"),
+    ("gpt2", "resid_pre", ("layer", "pos"), "denoising", "zero"),
+    # Sites at or after hook_z: the start block reuses the unpatched heads' outputs (post-norms).
+    ("gemma_like", "z", ("layer", "head"), "denoising", "resample"),
+    ("llama", "mlp_out", ("layer", "pos"), "noising", "resample"),
+]
+
+
+@pytest.mark.parametrize("case", SHARED_CASES, ids=["-".join((c[0], c[1], *c[2], c[4])) for c in SHARED_CASES])
+def test_shared_prefix_rows_equal_full_forwards(models, shared_pairs, case):
+    name, site, by, direction, source = case
+    assert shared_pairs.shared_prefix() == 2
+    options = dict(direction=direction, source=source, max_patches_per_chunk=3)
+    full = patch_sweep(models[name], shared_pairs, site, by, prefix_reuse=False, **options)
+    fast = patch_sweep(models[name], shared_pairs, site, by, **options)
+    np.testing.assert_array_equal(np.isnan(fast.per_pair), np.isnan(full.per_pair))
+    ran = ~np.isnan(full.per_pair)
+    np.testing.assert_allclose(fast.per_pair[ran], full.per_pair[ran], rtol=1e-5, atol=1e-5)
+    baseline = full.clean_metric if direction == "noising" else full.corrupt_metric
+    moved = np.abs(full.per_pair - baseline) > 1e-3
+    assert moved.any()
+    if "pos" in fast.dims:
+        at = fast.dims.index("pos")
+        # Resampling where both runs agree changes nothing; zeros there do change the metric.
+        assert moved.take([0, 1], axis=at).any() == (source == "zero")
+
+
+def test_resume_schedule_leaves_out_the_shared_prefix():
+    cfg = CONFIGS["gpt2"]
+    spec = resolve_site(cfg, "resid_pre", ("layer", "pos"))
+    table = np.array([[0, 0], [0, 1], [0, 2], [0, 3], [0, 4], [1, 4], [1, -1], [-1, 3]], np.int32)
+    starts, firsts, indices, slots = resume_schedule(table, spec, cfg.n_layers, 5, limit=2, shared=1)
+    # Position 0 is shared: not run. Rows of 5 slots pair p with 5 + 1 - 1 - p: 1+4, 2+3; at layer 1
+    # (the last) position 4 with the patch of no position, then the patch of no layer alone.
+    assert starts.tolist() == [0, 1] and firsts.tolist() == [[1, 2], [1, 2]]
+    assert slots.tolist() == [[[1, 4], [2, 3]], [[6, 5], [-1, 7]]]
+    # Nothing but a shared position: one no-op row, so the baselines still run.
+    starts, firsts, indices, slots = resume_schedule(table[:1], spec, cfg.n_layers, 5, limit=2, shared=1)
+    assert starts.tolist() == [cfg.n_layers - 1] and (slots == -1).all() and (indices == -1).all()
+
+
+def test_packed_pair_after_a_shared_prefix():
+    packing = packed_pair(6, 2, shared=1)  # positions 2..5 and 4..5 in 6 - 1 + 1 slots
+    assert packing.positions.tolist() == [2, 3, 4, 5, 4, 5]
+    assert packing.segment.tolist() == [0, 0, 0, 0, 1, 1] and packing.segment_start.tolist() == [2] * 4 + [4] * 2
+
+
+def test_sites_at_or_after_the_heads_reuse_their_outputs():
+    cfg = CONFIGS["gemma_like"]
+    sites = ("resid_pre", "q", "pattern", "z", "attn_out", "mlp_out", "resid_post")
+    assert [after_heads(cfg, resolve_site(cfg, s, ("layer",))) for s in sites] == [False] * 3 + [True] * 4
