@@ -68,14 +68,17 @@ def matmul_roofline(n: int = 2048, dtype=jnp.float32, repeats: int = 5) -> float
 
 def matmul_chain_ceiling(cfg: Any, tokens: int, repeats: int = 5) -> float:
     """GFLOP/s of a forward + activation-gradient backward through `cfg.n_layers` layers of the
-    model's dense matmuls alone (q/k/v, output, MLP in (+ gate), MLP out) on `tokens` rows, scanned
-    like the model: what AtP of that shape could reach if everything else were free. Below a few
-    hundred rows this is well under `matmul_roofline` on CPU (small matmuls, weight slices)."""
+    model's dense matmuls alone (q/k/v, output, MLP in (+ gate), MLP out) on `tokens` rows in
+    `cfg.dtype`, scanned like the model: what AtP of that shape could reach if everything else
+    were free. Below a few hundred rows this is well under `matmul_roofline` on CPU (small
+    matmuls, weight slices)."""
     d, m, heads = cfg.d_model, cfg.d_mlp, cfg.n_heads * cfg.d_head
     mlp_in = m * (2 if cfg.gated_mlp else 1)
     shapes = [(d, (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.d_head), (heads, d), (d, mlp_in), (m, d)]
     key = jax.random.key(0)
-    weights = [0.02 * jax.random.normal(jax.random.fold_in(key, i), (cfg.n_layers,) + s) for i, s in enumerate(shapes)]
+    dtype = jnp.dtype(cfg.dtype)
+    weights = [0.02 * jax.random.normal(jax.random.fold_in(key, i), (cfg.n_layers,) + s, dtype)
+               for i, s in enumerate(shapes)]
 
     def layer(x, w):
         w_qkv, w_o, w_in, w_out = w
@@ -84,7 +87,7 @@ def matmul_chain_ceiling(cfg: Any, tokens: int, repeats: int = 5) -> float:
         return x + (h[:, :m] * h[:, m:] if cfg.gated_mlp else jax.nn.relu(h)) @ w_out, None
 
     grad = jax.jit(jax.grad(lambda x, ws: jax.lax.scan(layer, x, ws)[0].sum()))
-    x = jax.random.normal(key, (tokens, d))
+    x = jax.random.normal(key, (tokens, d), dtype)
     flops = 2 * 2 * tokens * cfg.n_layers * sum(a * b for a, b in shapes)  # forward + backward (inputs only)
     return flops / time_call(lambda: grad(x, weights), repeats=repeats)["min_s"] / 1e9
 

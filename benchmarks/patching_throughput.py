@@ -1,6 +1,6 @@
 """Patches per second of exact activation patching on a GPT-2-small-shaped random model.
 
-    python benchmarks/patching_throughput.py [--batch 8] [--pos 16] [--tl] [--loop]
+    python benchmarks/patching_throughput.py [--batch 8] [--pos 16] [--dtype bfloat16] [--tl] [--loop]
 
 Sweeps resid_pre by (layer, pos) and head outputs (attn.hook_z) by (layer, head), denoising,
 logit difference. Reports the first call (compile + run) and the steady-state time of a second
@@ -30,14 +30,15 @@ GPT2_SMALL = ModelConfig(family="gpt2", n_layers=12, d_model=768, n_heads=12, d_
 
 
 def random_params(cfg: ModelConfig, seed: int = 0) -> dict:
-    """N(0, 0.02^2) weights, unit norm weights (drawn with NumPy: no compile per shape), on the device."""
+    """N(0, 0.02^2) weights, unit norm weights (drawn with NumPy: no compile per shape) in
+    `cfg.dtype`, on the device."""
     rng = np.random.default_rng(seed)
 
     def draw(path, leaf):
         keys = [str(getattr(k, "key", k)) for k in path]
         if keys[-1] == "w" and any(k.startswith("ln") for k in keys):
-            return np.ones(leaf.shape, np.float32)
-        return 0.02 * rng.standard_normal(leaf.shape, np.float32)
+            return np.ones(leaf.shape, leaf.dtype)
+        return (0.02 * rng.standard_normal(leaf.shape, np.float32)).astype(leaf.dtype)
 
     # On the device once: NumPy leaves would be copied to it again on every jitted call.
     return jax.device_put(jax.tree_util.tree_map_with_path(draw, param_shapes(cfg)))
@@ -118,12 +119,14 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--pos", type=int, default=16)
     parser.add_argument("--max-patches-per-chunk", type=int, default=None)
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     parser.add_argument("--loop", action="store_true")
     parser.add_argument("--tl", action="store_true")
     args = parser.parse_args()
     print(f"device: {jax.devices()[0].device_kind} x{len(jax.devices())}, CPUs {os.cpu_count()}, "
-          f"model GPT-2-small shape, batch {args.batch} x {args.pos} tokens")
-    model = Model(GPT2_SMALL, random_params(GPT2_SMALL))
+          f"model GPT-2-small shape ({args.dtype}), batch {args.batch} x {args.pos} tokens")
+    cfg = GPT2_SMALL.replace(dtype=args.dtype)
+    model = Model(cfg, random_params(cfg))
     pairs = make_pairs(args.batch, args.pos, GPT2_SMALL.d_vocab)
     options = {"max_patches_per_chunk": args.max_patches_per_chunk}
     for site, by in (("resid_pre", ("layer", "pos")), ("z", ("layer", "head"))):

@@ -16,10 +16,11 @@ from jax.scipy.special import erf
 
 Array = jax.Array
 
-_SQRT_2_OVER_PI = np.float32(np.sqrt(2.0 / np.pi))
-_INV_SQRT_2 = np.float32(1.0 / np.sqrt(2.0))
-_INV_SQRT_2PI = np.float32(1.0 / np.sqrt(2.0 * np.pi))
-_CUBIC = np.float32(0.044715)
+# Python floats (weakly typed): the formulas stay in x's dtype (bfloat16 in, bfloat16 out).
+_SQRT_2_OVER_PI = float(np.sqrt(2.0 / np.pi))
+_INV_SQRT_2 = float(1.0 / np.sqrt(2.0))
+_INV_SQRT_2PI = float(1.0 / np.sqrt(2.0 * np.pi))
+_CUBIC = 0.044715
 
 
 @jax.custom_jvp

@@ -42,3 +42,12 @@ def test_values_and_derivatives_match_jax(name):
 def test_unknown_activation_names_the_supported_ones():
     with pytest.raises(ValueError, match="gelu_new.*silu"):
         activation("swish2", jnp.zeros(3))
+
+
+@pytest.mark.parametrize("name", sorted(REFERENCE))
+def test_bfloat16_stays_bfloat16_under_differentiation(name):
+    x = jnp.linspace(-4.0, 4.0, 33, dtype=jnp.bfloat16)
+    primal, tangent = jax.jvp(ACTIVATIONS[name], (x,), (jnp.ones_like(x),))
+    assert primal.dtype == tangent.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(primal, np.float32), np.asarray(REFERENCE[name](x), np.float32),
+                               atol=3e-2, rtol=2e-2)
