@@ -19,12 +19,14 @@ export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 log="$out/gpu_log.txt"
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null || true
   "$python" -c "import jax; print('jax', jax.__version__, jax.devices())"; } | tee "$log"
+# One step failing (out of memory, say) must not cost the device call the others' figures.
+step() { "$@" 2>&1 | grep -v Warning | tee -a "$log" || echo "FAILED ($?): $*" | tee -a "$log"; }
 for dtype in float32 bfloat16; do
-  "$python" benchmarks/atp_scaling.py --batches "${ATP_BATCHES:-8,32,128,512}" --dtype "$dtype" \
-    --out "$out/atp_$dtype.json" 2>&1 | grep -v Warning | tee -a "$log"
+  step "$python" benchmarks/atp_scaling.py --batches "${ATP_BATCHES:-8,32,128,512}" --dtype "$dtype" \
+    --out "$out/atp_$dtype.json"
 done
 for dtype in float32 bfloat16; do
   for batch in ${PATCH_BATCHES:-8 64}; do
-    "$python" benchmarks/patching_throughput.py --batch "$batch" --dtype "$dtype" 2>&1 | grep -v Warning | tee -a "$log"
+    step "$python" benchmarks/patching_throughput.py --batch "$batch" --dtype "$dtype"
   done
 done
