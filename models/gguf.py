@@ -8,12 +8,22 @@
   `_jaxcirc_source_sha256` (sha256 of the .gguf file, for results files),
   `_jaxcirc_source_path` and `_jaxcirc_cache_hit` (True when the tensors came from
   the on-disk cache).
-- `state_dict` maps HF parameter names to float32 numpy arrays in HF's [out, in]
-  orientation, with llama.cpp's q/k row permutation undone for `llama`.
-- `tokenizer` is a `jaxcirc.tokenizer.Tokenizer` rebuilt from the file's metadata.
+- `state_dict` maps HF parameter names (the names transformers' own GGUF loader gives)
+  to float32 numpy arrays in HF's orientation ([out, in] for Linear layers, [in, out]
+  for GPT-2's Conv1D layers), with llama.cpp's conversions undone (below).
+- `tokenizer` is a `jaxcirc.tokenizer.Tokenizer` rebuilt from the file's metadata
+  (byte-level BPE vocabularies, `tokenizer.ggml.model == "gpt2"`, only).
 
-Architectures: `llama` (Llama 1-3, SmolLM, Mistral-as-llama, ...; incl. Llama 3 rope
-scaling stored as a `rope_freqs` tensor) and `qwen2` (q/k/v biases, no permutation).
+Architectures (`general.architecture`) and what llama.cpp's converter did that is undone here:
+- `llama` (Llama 1-3, SmolLM, Mistral-as-llama, ...): q/k rows permuted per head; Llama 3
+  rope scaling stored as a `rope_freqs` tensor (turned back into `rope_scaling`).
+- `qwen2`: q/k/v biases; nothing permuted.
+- `gemma2`: 1 added to every RMSNorm weight (Gemma scales by 1 + w; llama.cpp by w);
+  pre- and post-norms around attention and MLP; soft-capping and sliding window in metadata.
+- `gpt2`: Conv1D weights ([in, out]) transposed to [out, in]; the tied head written out as
+  an `output.weight` copy of the embedding.
+- `bloom`: the fused query_key_value rows reordered from per-head (q, k, v) to q, k, v
+  blocks; the tied head written out as an `output.weight` copy of the embedding.
 Every tensor type `gguf.quants.dequantize` handles is accepted (plus F64).
 
 Dequantizing is slow (seconds to minutes), so the result is cached under
@@ -24,6 +34,7 @@ Entries are written atomically; a missing, partial or corrupt entry is rebuilt.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import json
@@ -51,6 +62,7 @@ __all__ = [
     "hf_config_from_gguf",
     "hf_tensor_name",
     "unpermute_qk_rows",
+    "bloom_qkv_from_llamacpp",
     "dequantize_tensor",
     "supported_tensor_types",
 ]
@@ -59,11 +71,30 @@ logger = logging.getLogger(__name__)
 
 # Bump when the conversion changes, so stale cache entries are not reused.
 FORMAT_VERSION = 1
-SUPPORTED_ARCHITECTURES = ("llama", "qwen2")
+SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "gemma2", "gpt2", "bloom")
 
-_HF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 
-_BLOCK_TENSORS = {
+@dataclasses.dataclass(frozen=True)
+class _Layout:
+    """How one architecture's GGUF tensor names map to HF state-dict names.
+
+    `block` maps the part of `blk.N.<part>.<weight|bias>` to the HF module under
+    `block_prefix.format(N)`; `top` maps whole GGUF names (outside blocks) to HF names.
+    `layer_norm`: norms are LayerNorms (weight and bias) rather than RMSNorms (weight only).
+    `block_biases`: every block tensor has a bias, which the family's port requires.
+    `required_top`: the HF names outside blocks that must be present.
+    """
+
+    hf_class: str
+    block_prefix: str
+    block: Mapping[str, str]
+    top: Mapping[str, str]
+    layer_norm: bool
+    block_biases: bool
+    required_top: tuple[str, ...]
+
+
+_LLAMA_BLOCK = {
     "attn_norm": "input_layernorm",
     "ffn_norm": "post_attention_layernorm",
     "attn_q": "self_attn.q_proj",
@@ -74,11 +105,69 @@ _BLOCK_TENSORS = {
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
 }
-_GLOBAL_TENSORS = {
+_LLAMA_TOP = {
     "token_embd.weight": "model.embed_tokens.weight",
     "output_norm.weight": "model.norm.weight",
     "output.weight": "lm_head.weight",
 }
+# Gemma 2's HF post_attention_layernorm normalises the attention output (llama.cpp's
+# post_attention_norm); its pre-MLP norm is pre_feedforward_layernorm (llama.cpp's ffn_norm).
+_GEMMA2_BLOCK = {
+    **_LLAMA_BLOCK,
+    "ffn_norm": "pre_feedforward_layernorm",
+    "post_attention_norm": "post_attention_layernorm",
+    "post_ffw_norm": "post_feedforward_layernorm",
+}
+_GPT2_BLOCK = {
+    "attn_norm": "ln_1",
+    "attn_qkv": "attn.c_attn",
+    "attn_output": "attn.c_proj",
+    "ffn_norm": "ln_2",
+    "ffn_up": "mlp.c_fc",
+    "ffn_down": "mlp.c_proj",
+}
+_GPT2_TOP = {
+    "token_embd.weight": "transformer.wte.weight",
+    "position_embd.weight": "transformer.wpe.weight",
+    "output_norm.weight": "transformer.ln_f.weight",
+    "output_norm.bias": "transformer.ln_f.bias",
+    "output.weight": "lm_head.weight",
+}
+_BLOOM_BLOCK = {
+    "attn_norm": "input_layernorm",
+    "attn_qkv": "self_attention.query_key_value",
+    "attn_output": "self_attention.dense",
+    "ffn_norm": "post_attention_layernorm",
+    "ffn_up": "mlp.dense_h_to_4h",
+    "ffn_down": "mlp.dense_4h_to_h",
+}
+_BLOOM_TOP = {
+    "token_embd.weight": "transformer.word_embeddings.weight",
+    "token_embd_norm.weight": "transformer.word_embeddings_layernorm.weight",
+    "token_embd_norm.bias": "transformer.word_embeddings_layernorm.bias",
+    "output_norm.weight": "transformer.ln_f.weight",
+    "output_norm.bias": "transformer.ln_f.bias",
+    "output.weight": "lm_head.weight",
+}
+_LLAMA_REQUIRED = ("model.embed_tokens.weight", "model.norm.weight")
+
+_LAYOUTS: dict[str, _Layout] = {
+    "llama": _Layout("LlamaForCausalLM", "model.layers.{}.", _LLAMA_BLOCK, _LLAMA_TOP, False, False, _LLAMA_REQUIRED),
+    "qwen2": _Layout("Qwen2ForCausalLM", "model.layers.{}.", _LLAMA_BLOCK, _LLAMA_TOP, False, False, _LLAMA_REQUIRED),
+    "gemma2": _Layout("Gemma2ForCausalLM", "model.layers.{}.", _GEMMA2_BLOCK, _LLAMA_TOP, False, False,
+                      _LLAMA_REQUIRED),
+    "gpt2": _Layout("GPT2LMHeadModel", "transformer.h.{}.", _GPT2_BLOCK, _GPT2_TOP, True, True,
+                    tuple(v for k, v in _GPT2_TOP.items() if k != "output.weight")),
+    "bloom": _Layout("BloomForCausalLM", "transformer.h.{}.", _BLOOM_BLOCK, _BLOOM_TOP, True, True,
+                     tuple(v for k, v in _BLOOM_TOP.items() if k != "output.weight")),
+}
+assert tuple(_LAYOUTS) == SUPPORTED_ARCHITECTURES
+
+# Architectures whose llama.cpp converter writes the (tied) head out as a copy of the embedding.
+_HEAD_COPIED = ("gpt2", "bloom")
+# GPT-2's Conv1D weights, which llama.cpp transposes to [out, in] (the biases stay as they are).
+_GPT2_CONV1D = ("attn_qkv", "attn_output", "ffn_up", "ffn_down")
+
 _BLOCK_NAME = re.compile(r"^blk\.(\d+)\.([a-z_]+)\.(weight|bias)$")
 # Tensors that only feed the config (llama.cpp's Llama 3 rope factors), never the state dict.
 _CONFIG_ONLY_TENSORS = {"rope_freqs.weight"}
@@ -217,6 +306,9 @@ def hf_config_from_gguf(
 
     `tensor_shapes` are numpy-order shapes ([out, in]) by GGUF tensor name; `rope_freqs`
     is the dequantized `rope_freqs.weight` ([rotary_dim/2]) when the file has one.
+    `tie_word_embeddings` is True when the file has no `output.weight`; for `gpt2` and
+    `bloom`, whose converters write the tied head out as a copy, `load_gguf` also sets it
+    True when `output.weight` is an exact copy of `token_embd.weight`.
     """
     arch = _check_architecture(meta.get("general.architecture"), path)
 
@@ -236,6 +328,7 @@ def hf_config_from_gguf(
         )
     hidden = int(key("embedding_length"))
     heads = int(key("attention.head_count"))
+    layers = int(key("block_count"))
     kv_heads = key("attention.head_count_kv", heads)
     if isinstance(kv_heads, list):  # some files store one count per layer
         if len(set(kv_heads)) != 1:
@@ -243,38 +336,106 @@ def hf_config_from_gguf(
                 f"GGUF file {path} has per-layer kv head counts {kv_heads}; only uniform ones are supported."
             )
         kv_heads = kv_heads[0]
-    head_dim = int(
-        meta.get(f"{arch}.attention.key_length") or meta.get(f"{arch}.rope.dimension_count") or hidden // heads
-    )
+    kv_heads = int(kv_heads)
     embd_shape = tensor_shapes.get("token_embd.weight")
     # The embedding's row count is what the weights need; metadata only says the same when present.
     vocab = embd_shape[0] if embd_shape else meta.get(f"{arch}.vocab_size") or len(meta["tokenizer.ggml.tokens"])
     context = int(key("context_length"))
-    rope_theta = _f32(meta.get(f"{arch}.rope.freq_base", 10000.0))
+    tokens = {
+        "bos_token_id": meta.get("tokenizer.ggml.bos_token_id"),
+        "eos_token_id": meta.get("tokenizer.ggml.eos_token_id"),
+        "pad_token_id": meta.get("tokenizer.ggml.padding_token_id"),
+    }
+    common = {"architectures": [_LAYOUTS[arch].hf_class], "model_type": arch}
+    tied = "output.weight" not in tensor_shapes
 
+    if arch in ("gpt2", "bloom"):
+        # Multi-head attention with learned positions (GPT-2) or ALiBi (BLOOM): no rope, no GQA.
+        if kv_heads != heads or hidden % heads:
+            raise ValueError(
+                f"GGUF file {path} ({arch}) has {heads} heads, {kv_heads} kv heads and embedding length {hidden}; "
+                f"{arch} needs as many kv heads as heads and an embedding length divisible by the head count."
+            )
+        ffn = int(key("feed_forward_length", 4 * hidden))
+        eps = _f32(key("attention.layer_norm_epsilon"))
+        if arch == "gpt2":
+            positions = tensor_shapes.get("position_embd.weight")
+            return {
+                **common,
+                "n_embd": hidden,
+                "n_layer": layers,
+                "n_head": heads,
+                "n_inner": ffn,
+                # The position table's row count is what the weights need (GPT2Config's n_positions).
+                "n_positions": int(positions[0]) if positions else context,
+                "n_ctx": context,
+                "layer_norm_epsilon": eps,
+                # llama.cpp's GPT-2 MLP uses ggml_gelu, the tanh approximation (HF's gelu_new).
+                "activation_function": "gelu_new",
+                "vocab_size": int(vocab),
+                "tie_word_embeddings": tied,
+                **tokens,
+            }
+        if ffn != 4 * hidden:
+            raise ValueError(
+                f"GGUF file {path} (bloom) has feed_forward_length {ffn}; BLOOM's MLP is 4 x the embedding "
+                f"length ({4 * hidden})."
+            )
+        return {
+            **common,
+            "hidden_size": hidden,
+            "n_layer": layers,
+            "n_head": heads,
+            "layer_norm_epsilon": eps,
+            "seq_length": context,  # ALiBi has no position table; only the training length
+            "vocab_size": int(vocab),
+            "tie_word_embeddings": tied,
+            **tokens,
+        }
+
+    head_dim = int(
+        meta.get(f"{arch}.attention.key_length") or meta.get(f"{arch}.rope.dimension_count") or hidden // heads
+    )
+    rope_theta = _f32(meta.get(f"{arch}.rope.freq_base", 10000.0))
     config: dict[str, Any] = {
-        "architectures": [_HF_ARCHITECTURES[arch]],
-        "model_type": arch,
+        **common,
         "hidden_size": hidden,
         "intermediate_size": int(key("feed_forward_length")),
-        "num_hidden_layers": int(key("block_count")),
+        "num_hidden_layers": layers,
         "num_attention_heads": heads,
-        "num_key_value_heads": int(kv_heads),
+        "num_key_value_heads": kv_heads,
         "hidden_act": "silu",
         "rms_norm_eps": _f32(key("attention.layer_norm_rms_epsilon")),
         "rope_theta": rope_theta,
         "max_position_embeddings": context,
         "vocab_size": int(vocab),
-        "tie_word_embeddings": "output.weight" not in tensor_shapes,
-        "bos_token_id": meta.get("tokenizer.ggml.bos_token_id"),
-        "eos_token_id": meta.get("tokenizer.ggml.eos_token_id"),
-        "pad_token_id": meta.get("tokenizer.ggml.padding_token_id"),
+        "tie_word_embeddings": tied,
+        **tokens,
     }
     if arch == "llama":
         # Qwen2's HF config has no head_dim / bias switches; Llama's does.
         config["head_dim"] = head_dim
         config["attention_bias"] = "blk.0.attn_q.bias" in tensor_shapes
         config["mlp_bias"] = "blk.0.ffn_up.bias" in tensor_shapes
+    elif arch == "gemma2":
+        del config["hidden_act"]
+        window = int(meta.get(f"{arch}.attention.sliding_window") or 4096)  # llama.cpp's and HF's default
+        config.update({
+            "head_dim": head_dim,
+            "hidden_activation": "gelu_pytorch_tanh",
+            # llama.cpp's defaults (the same as Gemma2Config's) when the file does not state them.
+            "attn_logit_softcapping": _f32(meta.get(f"{arch}.attn_logit_softcapping", 50.0)),
+            "final_logit_softcapping": _f32(meta.get(f"{arch}.final_logit_softcapping", 30.0)),
+            "sliding_window": window,
+            # llama.cpp slides on even layers (swa pattern 2), as HF's default layer_types do.
+            "layer_types": ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(layers)],
+            # llama.cpp stores no query scale. This is what transformers' GGUF loader assumes
+            # (Gemma2Config's default, 256), right for Gemma 2 2B and 9B (head_dim 256). llama.cpp
+            # itself scales by 1/sqrt(head_dim), except for 46-layer models (27B), where it uses
+            # 1/sqrt(hidden / heads) (= 144, the HF checkpoint's value).
+            "query_pre_attn_scalar": 256,
+            "attention_bias": "blk.0.attn_q.bias" in tensor_shapes,
+        })
     scaling = _rope_scaling(meta, arch)
     if rope_freqs is not None:
         rotary_dim = int(meta.get(f"{arch}.rope.dimension_count") or head_dim)
@@ -288,16 +449,18 @@ def hf_config_from_gguf(
 # --------------------------------------------------------------------------- tensors
 
 
-def hf_tensor_name(gguf_name: str) -> str | None:
-    """The HF state-dict name of a GGUF tensor name, or None if it has no HF counterpart."""
-    if gguf_name in _GLOBAL_TENSORS:
-        return _GLOBAL_TENSORS[gguf_name]
+def hf_tensor_name(gguf_name: str, arch: str = "llama") -> str | None:
+    """The HF state-dict name of a GGUF tensor name of architecture `arch`, or None if it has no
+    HF counterpart."""
+    layout = _LAYOUTS[arch]
+    if gguf_name in layout.top:
+        return layout.top[gguf_name]
     match = _BLOCK_NAME.match(gguf_name)
-    if match and match.group(2) in _BLOCK_TENSORS:
+    if match and match.group(2) in layout.block:
         layer, part, kind = match.groups()
-        if part.endswith("norm") and kind == "bias":
-            return None
-        return f"model.layers.{layer}.{_BLOCK_TENSORS[part]}.{kind}"
+        if part.endswith("norm") and kind == "bias" and not layout.layer_norm:
+            return None  # an RMSNorm has no bias
+        return f"{layout.block_prefix.format(layer)}{layout.block[part]}.{kind}"
     return None
 
 
@@ -311,6 +474,18 @@ def unpermute_qk_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
     if rows % (2 * n_heads):
         raise ValueError(f"Cannot un-permute {rows} rows into {n_heads} heads of an even size.")
     return w.reshape(n_heads, rows // n_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def bloom_qkv_from_llamacpp(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """Undo llama.cpp's reordering of BLOOM's fused query_key_value rows (weight [3d, d] or bias [3d]).
+
+    HF's rows are per head, then q, k, v: (head, 3, d_head); llama.cpp stores all q rows, then
+    all k, then all v: (3, head, d_head).
+    """
+    rows = w.shape[0]
+    if rows % (3 * n_heads):
+        raise ValueError(f"Cannot split {rows} fused qkv rows into q, k, v of {n_heads} heads.")
+    return w.reshape(3, n_heads, rows // 3 // n_heads, *w.shape[1:]).swapaxes(0, 1).reshape(w.shape)
 
 
 @functools.lru_cache(maxsize=1)
@@ -357,6 +532,41 @@ def dequantize_tensor(tensor: Any, path: str = "<gguf>") -> np.ndarray:
     return np.array(array, dtype=np.float32, copy=True).reshape(shape)
 
 
+def _undo_llamacpp(arch: str, name: str, array: np.ndarray, config: Mapping[str, Any]) -> np.ndarray:
+    """A dequantized tensor as HF stores it: llama.cpp's converter changes undone (GGUF `name`)."""
+    part = name.split(".")[-2]
+    if arch == "llama" and part == "attn_q":
+        # llama.cpp permutes q/k rows for llama only (its Qwen2 and Gemma 2 converters leave them as in HF).
+        return unpermute_qk_rows(array, config["num_attention_heads"])
+    if arch == "llama" and part == "attn_k":
+        return unpermute_qk_rows(array, config["num_key_value_heads"])
+    if arch == "gemma2" and name.endswith("norm.weight"):
+        # Gemma's RMSNorm scales by (1 + w); llama.cpp stores 1 + w and scales by it.
+        return array - np.float32(1.0)
+    if arch == "gpt2" and part in _GPT2_CONV1D and name.endswith(".weight"):
+        # HF's Conv1D keeps [in, out]; llama.cpp transposed it to [out, in].
+        return np.ascontiguousarray(array.T)
+    if arch == "bloom" and part == "attn_qkv":
+        return bloom_qkv_from_llamacpp(array, config["n_head"])
+    return array
+
+
+def _required_names(arch: str, config: Mapping[str, Any]) -> list[str]:
+    """The HF names the family's port needs (the head only when untied)."""
+    layout = _LAYOUTS[arch]
+    layers = config.get("num_hidden_layers", config.get("n_layer"))
+    kinds = ("weight", "bias") if layout.block_biases else ("weight",)
+    required = list(layout.required_top) + [
+        f"{layout.block_prefix.format(i)}{module}.{kind}"
+        for i in range(layers)
+        for module in layout.block.values()
+        for kind in kinds
+    ]
+    if not config["tie_word_embeddings"]:
+        required.append("lm_head.weight")
+    return required
+
+
 def _convert(path: str) -> tuple[dict[str, Any], dict[str, np.ndarray], Tokenizer]:
     """Read and dequantize a GGUF file (no cache): (config, HF state dict, tokenizer)."""
     import gguf
@@ -372,7 +582,7 @@ def _convert(path: str) -> tuple[dict[str, Any], dict[str, np.ndarray], Tokenize
     tensors = {t.name: t for t in reader.tensors}
     shapes = {name: tuple(int(d) for d in reversed(t.shape)) for name, t in tensors.items()}
 
-    unknown = sorted(n for n in tensors if hf_tensor_name(n) is None and n not in _CONFIG_ONLY_TENSORS)
+    unknown = sorted(n for n in tensors if hf_tensor_name(n, arch) is None and n not in _CONFIG_ONLY_TENSORS)
     if unknown:
         raise ValueError(
             f"GGUF file {path} (architecture {arch!r}) has tensors jaxcirc does not know how to map to HF names: "
@@ -387,23 +597,38 @@ def _convert(path: str) -> tuple[dict[str, Any], dict[str, np.ndarray], Tokenize
     for name, tensor in tensors.items():
         if name in _CONFIG_ONLY_TENSORS:
             continue
-        array = dequantize_tensor(tensor, path)
-        # llama.cpp permutes q/k rows for llama only (its Qwen2 converter leaves them as in HF).
-        if arch == "llama" and ".attn_q." in name:
-            array = unpermute_qk_rows(array, config["num_attention_heads"])
-        elif arch == "llama" and ".attn_k." in name:
-            array = unpermute_qk_rows(array, config["num_key_value_heads"])
-        state[hf_tensor_name(name)] = array
+        state[hf_tensor_name(name, arch)] = _undo_llamacpp(arch, name, dequantize_tensor(tensor, path), config)
 
-    required = ["model.embed_tokens.weight", "model.norm.weight"] + [
-        f"model.layers.{i}.{part}.weight"
-        for i in range(config["num_hidden_layers"])
-        for part in _BLOCK_TENSORS.values()
-    ]
+    if arch in _HEAD_COPIED and "lm_head.weight" in state:
+        _untie_or_drop_head(arch, state, config, path)
+    required = _required_names(arch, config)
     missing = [n for n in required if n not in state]
     if missing:
         raise ValueError(f"GGUF file {path} lacks tensors for {missing[:8]}{' ...' if len(missing) > 8 else ''}.")
     return config, state, tokenizer
+
+
+def _untie_or_drop_head(arch: str, state: dict[str, np.ndarray], config: dict[str, Any], path: str) -> None:
+    """GPT-2 and BLOOM tie the head to the embedding; llama.cpp's converters write it out as an
+    `output.weight` copy anyway. An exact copy is dropped (tied, as in the HF checkpoint); a
+    different head (e.g. quantized to another type than the embedding) stays as `lm_head.weight`
+    for BLOOM (untied, as llama.cpp runs it) and is refused for GPT-2, whose port is always tied."""
+    head = state["lm_head.weight"]
+    embedding = state[_LAYOUTS[arch].top["token_embd.weight"]]
+    if head.shape == embedding.shape and np.array_equal(head, embedding):
+        del state["lm_head.weight"]
+        config["tie_word_embeddings"] = True
+        return
+    if arch == "gpt2":
+        diff = float(np.max(np.abs(head - embedding))) if head.shape == embedding.shape else float("nan")
+        raise ValueError(
+            f"GGUF file {path} (gpt2) has an output.weight that is not a copy of token_embd.weight (shapes "
+            f"{head.shape} and {embedding.shape}, max abs difference {diff:.3g}; llama.cpp quantizes the two "
+            "separately, often to different types). jaxcirc's GPT-2 ties the unembedding to the embedding, so it "
+            "cannot use both. Re-quantize with the same type for both (llama-quantize --token-embedding-type T "
+            "--output-tensor-type T) or load the model from its HF directory instead."
+        )
+    config["tie_word_embeddings"] = False
 
 
 # --------------------------------------------------------------------------- cache
