@@ -23,6 +23,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxcirc.sharding import to_host
+
 Array = jax.Array
 OnError = Literal["raise", "skip"]
 
@@ -78,9 +80,10 @@ class MinimalPairs:
     def shared_prefix(self) -> int:
         """How many leading positions every pair's clean and corrupted tokens agree at (n_pos when
         they agree everywhere). With causal attention every activation there is the same in both
-        runs. Call it outside jit. Reduced on the devices to one replicated scalar, so it also
-        works on a batch sharded across processes, where no host holds every row."""
-        return int(_first_difference(self.clean, self.corrupt))
+        runs. Reads the tokens on the host (gathered from every process when the batch is
+        sharded across processes): call it outside jit."""
+        differs = np.any(to_host(self.clean) != to_host(self.corrupt), axis=0)
+        return int(np.argmax(differs)) if differs.any() else self.n_pos
 
     def take(self, indices: Any) -> "MinimalPairs":
         """The pairs at `indices` (ints or a bool mask over the batch), in that order."""
@@ -119,13 +122,6 @@ class MinimalPairs:
         cols = np.s_[:, :keep]
         return dataclasses.replace(self, clean=_index(self.clean, cols), corrupt=_index(self.corrupt, cols),
                                    mask=_index(self.mask, cols))
-
-
-@jax.jit
-def _first_difference(clean: Array, corrupt: Array) -> Array:
-    """int32 [] first position where any pair's clean and corrupted tokens differ; n_pos if none."""
-    differs = jnp.any(clean != corrupt, axis=0)
-    return jnp.where(differs.any(), jnp.argmax(differs), clean.shape[1]).astype(jnp.int32)
 
 
 def _index(array: Any, index: Any) -> Any:
