@@ -269,18 +269,17 @@ def qk_fix_effects(cfg: ModelConfig, q: Array, k: Array, v: Array, q_x: Array, k
 
 
 def _site_scores(site: str, clean: Array, corrupt: Array, grad: Array, mask: Array, per_position: bool) -> Array:
-    """Per-example AtP of one site from [layer, batch, pos, ...] activations -> [batch, layer, ...]."""
+    """Per-example AtP of one site in one layer from [batch, pos, ...] activations -> [batch, ...]."""
     diff = (corrupt - clean).astype(jnp.float32)
-    diff = diff * mask.reshape(mask.shape + (1,) * (diff.ndim - 3)).astype(jnp.float32)
+    diff = diff * mask.reshape(mask.shape + (1,) * (diff.ndim - 2)).astype(jnp.float32)
     prod = diff * grad.astype(jnp.float32)
     if site in _RESID or site in ("attn_out", "mlp_out"):
-        s = jnp.moveaxis(prod.sum(-1), 1, 0)                       # [b, l, p]
+        s = prod.sum(-1)                                           # [b, p]
         return s if (site in _RESID or per_position) else s.sum(-1)
     if site == "head":
-        s = jnp.moveaxis(prod.sum(-1), 1, 0)                       # [b, l, p, h]
-        return jnp.moveaxis(s, 2, 3) if per_position else s.sum(2)
-    s = jnp.moveaxis(prod, 1, 0)                                   # neuron: [b, l, p, m]
-    return s if per_position else s.sum(2)
+        s = prod.sum(-1)                                           # [b, p, h]
+        return jnp.moveaxis(s, 1, 2) if per_position else s.sum(1)
+    return prod if per_position else prod.sum(1)                   # neuron: [b, p, m]
 
 
 def _atp_chunk_impl(params, pairs: MinimalPairs, weight: Array, base: dict[str, Intervention], *,
@@ -299,7 +298,9 @@ def _atp_chunk_impl(params, pairs: MinimalPairs, weight: Array, base: dict[str, 
     _, corrupt_cache = forward(params, pairs.corrupt, Hooks(base, cache=names(act_templates)),
                                logits_at=pairs.position)
     dtype = jnp.dtype(cfg.dtype)
-    zeros = {t: zeros_for(cfg, t, batch, pos, dtype) for t in grad_templates}
+    # Per layer, not stacked: a stacked delta's gradient and stacked caches would be copied
+    # (hundreds of MB at batch 32) before the scores read them once.
+    zeros = {t: list(zeros_for(cfg, t, batch, pos, dtype)) for t in grad_templates}
     columns, metric_pairs = answer_foil_columns(metric, pairs)  # logit_diff: unembed two columns only
 
     def gradients(drop_layer=None, held=None, cache_names=()):
@@ -325,18 +326,20 @@ def _atp_chunk_impl(params, pairs: MinimalPairs, weight: Array, base: dict[str, 
         return jax.grad(metric_sum, has_aux=True)(zeros)
 
     grads, clean_cache = gradients(cache_names=names(clean_templates))
-    clean = {t: stack_layers(clean_cache, t, L) for t in clean_templates}
-    corrupt = {t: stack_layers(corrupt_cache, t, L) for t in act_templates}
+    clean = {t: [clean_cache[f"blocks.{l}.{t}"] for l in range(L)] for t in clean_templates}
+    corrupt = {t: [corrupt_cache[f"blocks.{l}.{t}"] for l in range(L)] for t in act_templates}
 
     def scores_from(grads: dict[str, Array]) -> dict[str, Array]:
         out = {}
         for site in sites:
             t = SITES[site]
-            out[site] = _site_scores(site, clean[t], corrupt[t], grads[t], pairs.mask, per_position)
+            out[site] = jnp.stack([_site_scores(site, clean[t][l], corrupt[t][l], grads[t][l], pairs.mask, per_position)
+                                   for l in range(L)], axis=1)                         # [b, l, ...]
         if qk_fix:
             q_eff, k_eff, v_eff = qk_fix_effects(
-                cfg, clean[rot_q], clean[rot_k], clean["attn.hook_v"], corrupt[rot_q], corrupt[rot_k],
-                corrupt["attn.hook_v"], grads["attn.hook_pattern"], grads["attn.hook_z"], pairs.mask, per_position)
+                cfg, *(jnp.stack(a) for a in (clean[rot_q], clean[rot_k], clean["attn.hook_v"], corrupt[rot_q],
+                                              corrupt[rot_k], corrupt["attn.hook_v"], grads["attn.hook_pattern"],
+                                              grads["attn.hook_z"])), pairs.mask, per_position)
             out.update(head_atp=out["head"], head=q_eff + k_eff + v_eff, head_q=q_eff, head_k=k_eff, head_v=v_eff)
         return out
 
