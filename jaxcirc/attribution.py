@@ -176,10 +176,6 @@ def zeros_for(cfg: ModelConfig, template: str, batch: int, pos: int, dtype) -> A
     return jnp.zeros((cfg.n_layers,) + shape, dtype)
 
 
-def stack_layers(cache: Mapping[str, Array], template: str, n_layers: int) -> Array:
-    return jnp.stack([cache[f"blocks.{l}.{template}"] for l in range(n_layers)])
-
-
 def check_pairs(cfg: ModelConfig, pairs: MinimalPairs) -> None:
     for field in ("clean", "corrupt", "answer", "foil", "position", "mask"):
         if not hasattr(pairs, field):

@@ -41,7 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxcirc.attribution import (base_interventions, budget_batch_size, check_pairs, pair_chunks,
-                                 resolve_metric, stack_layers, with_add, zeros_for)
+                                 resolve_metric, with_add, zeros_for)
 from jaxcirc.graph import Graph
 from jaxcirc.hooks import Hooks, Intervention, replace
 from jaxcirc.metrics import Metric, metric_name
@@ -99,22 +99,20 @@ def node_output_names(cfg: ModelConfig) -> tuple[str, ...]:
 def stack_node_outputs(cfg: ModelConfig, cache: Mapping[str, Array]) -> Array:
     """Node outputs [batch, pos, n_src, d_model] in graph order (input, then per layer heads, MLP)."""
     embed = cache["hook_embed"] + cache.get("hook_pos_embed", 0)
-    result = stack_layers(cache, "attn.hook_result", cfg.n_layers)             # [l, b, p, h, d]
-    mlp = stack_layers(cache, "hook_mlp_out", cfg.n_layers)[:, :, :, None]      # [l, b, p, 1, d]
-    per_layer = jnp.concatenate([result, mlp], axis=3)                          # [l, b, p, h+1, d]
-    batch, pos = embed.shape[:2]
-    per_layer = jnp.moveaxis(per_layer, 0, 2).reshape(batch, pos, -1, cfg.d_model)
-    return jnp.concatenate([embed[:, :, None], per_layer], axis=2)
+    parts = [embed[:, :, None]]
+    for l in range(cfg.n_layers):
+        parts += [cache[f"blocks.{l}.attn.hook_result"], cache[f"blocks.{l}.hook_mlp_out"][:, :, None]]
+    return jnp.concatenate(parts, axis=2)
 
 
-def stack_destination_grads(cfg: ModelConfig, grads: Mapping[str, Array]) -> Array:
-    """Destination gradients [batch, pos, n_dst, d_model] in graph order (per layer q, k, v, MLP; logits)."""
-    parts = [grads["hook_q_input"], grads["hook_k_input"], grads["hook_v_input"],
-             grads["hook_mlp_in"][:, :, :, None]]
-    per_layer = jnp.concatenate(parts, axis=3)                                  # [l, b, p, D, d]
-    batch, pos = per_layer.shape[1:3]
-    per_layer = jnp.moveaxis(per_layer, 0, 2).reshape(batch, pos, -1, cfg.d_model)
-    return jnp.concatenate([per_layer, grads["logits"][:, :, None]], axis=2)
+def stack_destination_grads(cfg: ModelConfig, grads: Mapping[str, Any]) -> Array:
+    """Destination gradients [batch, pos, n_dst, d_model] in graph order (per layer q, k, v, MLP;
+    logits) from per-layer lists of [batch, pos, (head,) d_model] by template, and "logits"."""
+    parts = []
+    for l in range(cfg.n_layers):
+        parts += [grads["hook_q_input"][l], grads["hook_k_input"][l], grads["hook_v_input"][l],
+                  grads["hook_mlp_in"][l][:, :, None]]
+    return jnp.concatenate(parts + [grads["logits"][:, :, None]], axis=2)
 
 
 def _tile_batch(tree: Any, copies: int, batch: int) -> Any:
@@ -140,7 +138,8 @@ def _eap_chunk_impl(params, pairs: MinimalPairs, weight: Array, base: dict[str, 
                   embed: Array | None, cache_names=()):
         """dM/d(destination inputs) for the clean tokens of `run_pairs` (embeddings replaced by `embed`)."""
         n = run_pairs.clean.shape[0]
-        zeros = {t: zeros_for(cfg, t, n, pos, dtype) for t in _DST_TEMPLATES}
+        # Per layer, not stacked: a stacked delta's gradient would be copied on every step.
+        zeros = {t: list(zeros_for(cfg, t, n, pos, dtype)) for t in _DST_TEMPLATES}
         zeros["logits"] = jnp.zeros((n, pos, cfg.d_model), dtype)
 
         def metric_sum(deltas):
@@ -183,12 +182,11 @@ def _eap_chunk_impl(params, pairs: MinimalPairs, weight: Array, base: dict[str, 
             embed = emb_x[None] + alpha.astype(emb.dtype)[:, None, None, None] * (emb - emb_x)[None]
             g, _ = gradients(run_pairs, run_base, run_logits, embed.reshape((chunk * batch,) + emb.shape[1:]))
 
-            def fold(acc, x, axis):  # [.., chunk * batch, ..] -> weighted sum over the chunk's steps
-                x = x.reshape(x.shape[:axis] + (chunk, batch) + x.shape[axis + 1:])
-                return acc + jnp.tensordot(w, jnp.moveaxis(x, axis, 0), axes=1)
-            return {k: fold(total[k], g[k], 0 if k == "logits" else 1) for k in total}, None
+            def fold(acc, x):  # [chunk * batch, ...] -> weighted sum over the chunk's steps
+                return acc + jnp.tensordot(w, x.reshape((chunk, batch) + x.shape[1:]), axes=1)
+            return jax.tree.map(fold, total, g), None
 
-        zero = {t: zeros_for(cfg, t, batch, pos, jnp.float32) for t in _DST_TEMPLATES}
+        zero = {t: list(zeros_for(cfg, t, batch, pos, jnp.float32)) for t in _DST_TEMPLATES}
         zero["logits"] = jnp.zeros((batch, pos, cfg.d_model), jnp.float32)
         total, _ = jax.lax.scan(step, zero, (chunk_alphas, chunk_weights))
         grads = jax.tree.map(lambda g: g / n_steps, total)
