@@ -151,3 +151,53 @@ def test_bad_requests_are_explained(neox):
         eap_ig(cfg, params, pairs, endpoint="middle")
     with pytest.raises(TypeError, match="MinimalPairs"):
         eap(cfg, params, {"clean": pairs.clean})
+
+
+@pytest.mark.parametrize("cfg", [
+    tiny_models.llama_gqa(),                                            # RMSNorm, GQA
+    tiny_models.neox(),                                                 # LayerNorm, parallel residual
+    tiny_models.llama_gqa(norm_offset=1.0, n_layers=2),                 # Gemma's scale 1 + w
+    tiny_models.neox(family="gpt2", parallel_residual=False, positional="learned",
+                     n_layers=2),                                       # GPT-2: LayerNorm, learned positions
+], ids=["llama-gqa", "neox", "norm-offset", "gpt2"])
+def test_destination_grads_equal_the_per_head_input_gradients(cfg):
+    """EAP reads the backward pass at hook_q/k/v and maps it through ln1 (`backward_statistics`);
+    the result equals differentiating at the per-head inputs themselves (hook_q_input, ...), which
+    runs ln1 and the projections once per head. Two interpolation steps' statistics add up like
+    their gradients."""
+    from jaxcirc.eap import _GRAD_TEMPLATES, backward_statistics, destination_grads
+    from jaxcirc.hooks import Intervention
+
+    params, pairs = tiny_models.random_params(cfg, 3), random_pairs(2, 3, 6)
+    forward = make_forward(cfg, jit=False)
+    batch, pos = pairs.clean.shape
+    emb = forward(params, pairs.clean, Hooks(cache=("hook_embed",)))[1]["hook_embed"]
+
+    def metric_grads(templates, scale):
+        shapes = {"hook_q_input": (cfg.n_heads, cfg.d_model), "hook_k_input": (cfg.n_kv_heads, cfg.d_model),
+                  "hook_v_input": (cfg.n_kv_heads, cfg.d_model), "attn.hook_q": (cfg.n_heads, cfg.d_head),
+                  "attn.hook_k": (cfg.n_kv_heads, cfg.d_head), "attn.hook_v": (cfg.n_kv_heads, cfg.d_head),
+                  "hook_mlp_in": (cfg.d_model,)}
+        zeros = {t: [jnp.zeros((batch, pos) + shapes[t]) for _ in range(cfg.n_layers)] for t in templates}
+        zeros["logits"] = jnp.zeros((batch, pos, cfg.d_model))
+
+        def metric(deltas):
+            hooks = {f"blocks.{l}.{t}": add(deltas[t][l]) for t in templates for l in range(cfg.n_layers)}
+            hooks[f"blocks.{cfg.n_layers - 1}.hook_resid_post"] = add(deltas["logits"])
+            hooks["hook_embed"] = Intervention(replace=scale * emb)
+            logits, cache = forward(params, pairs.clean, Hooks(hooks, cache=("blocks.*.hook_resid_pre",)),
+                                    logits_at=pairs.position)
+            return logit_diff(logits, pairs, logits).sum(), cache
+        return jax.grad(metric, has_aux=True)(zeros)
+
+    direct = [metric_grads(("hook_q_input", "hook_k_input", "hook_v_input", "hook_mlp_in"), s)[0] for s in (1.0, 0.5)]
+    stats = [backward_statistics(cfg, params, *metric_grads(_GRAD_TEMPLATES, s)) for s in (1.0, 0.5)]
+    sums = jax.tree.map(lambda a, b: a + b, stats[0][0], stats[1][0])
+    outer = jax.tree.map(lambda a, b: jnp.stack([a, b]), stats[0][1], stats[1][1])
+    ours = destination_grads(cfg, params, sums, outer)
+    for name in ("hook_q_input", "hook_k_input", "hook_v_input", "hook_mlp_in"):
+        for l in range(cfg.n_layers):
+            want = np.asarray(direct[0][name][l] + direct[1][name][l])
+            assert np.abs(want).max() > 1e-4, (name, l)                # the check is not vacuous
+            np.testing.assert_allclose(np.asarray(ours[name][l]), want, atol=2e-6 * np.abs(want).max(), rtol=1e-4,
+                                       err_msg=f"{name} layer {l}")
