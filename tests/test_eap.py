@@ -9,7 +9,7 @@ import pytest
 
 from jaxcirc.attribution import atp
 from jaxcirc.eap import EdgeScores, eap, eap_chunk, eap_ig, ig_alphas
-from jaxcirc.hooks import Hooks, add
+from jaxcirc.hooks import Hooks, Intervention, add
 from jaxcirc.metrics import logit_diff
 from jaxcirc.models.transformer import init_params, make_forward
 import tiny_models
@@ -151,6 +151,9 @@ def test_bad_requests_are_explained(neox):
         eap_ig(cfg, params, pairs, endpoint="middle")
     with pytest.raises(TypeError, match="MinimalPairs"):
         eap(cfg, params, {"clean": pairs.clean})
+    scale = jnp.ones((len(pairs), pairs.n_pos, 1))
+    with pytest.raises(ValueError, match=r"through ln1.*blocks\.0\.ln1\.hook_scale.*hook_resid_pre"):
+        eap(cfg, params, pairs, hooks={"blocks.0.ln1.hook_scale": Intervention(replace=scale)})
 
 
 @pytest.mark.parametrize("cfg", [
@@ -166,8 +169,6 @@ def test_destination_grads_equal_the_per_head_input_gradients(cfg):
     runs ln1 and the projections once per head. Two interpolation steps' statistics add up like
     their gradients."""
     from jaxcirc.eap import _GRAD_TEMPLATES, backward_statistics, destination_grads
-    from jaxcirc.hooks import Intervention
-
     params, pairs = tiny_models.random_params(cfg, 3), random_pairs(2, 3, 6)
     forward = make_forward(cfg, jit=False)
     batch, pos = pairs.clean.shape
