@@ -41,7 +41,7 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=128)
     parser.add_argument("--batch-sizes", default="8,16,32")
     parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--step-chunk", type=int, default=1)
+    parser.add_argument("--step-chunk", type=int, default=None, help="IG steps per pass (default: eap.default_step_chunk)")
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--out", default="eap_ig_smollm2.json")
     args = parser.parse_args()

@@ -202,3 +202,18 @@ def test_destination_grads_equal_the_per_head_input_gradients(cfg):
             assert np.abs(want).max() > 1e-4, (name, l)                # the check is not vacuous
             np.testing.assert_allclose(np.asarray(ours[name][l]), want, atol=2e-6 * np.abs(want).max(), rtol=1e-4,
                                        err_msg=f"{name} layer {l}")
+
+
+def test_step_chunks_change_nothing_but_speed(neox):
+    """IG steps run together by default when a pass has few tokens (`default_step_chunk`); any
+    chunking gives the same scores as one step at a time."""
+    from jaxcirc.eap import STEP_CHUNK_TOKENS, default_step_chunk
+
+    assert default_step_chunk(5, 16) == 5 and default_step_chunk(5, STEP_CHUNK_TOKENS) == 1
+    assert default_step_chunk(5, STEP_CHUNK_TOKENS // 2) == 3     # 3 + 2 steps, not 2 + 2 + 1
+    assert default_step_chunk(1, 1) == 1
+    cfg, params, pairs, *_ = neox
+    one = np.asarray(eap_ig(cfg, params, pairs, steps=5, step_chunk=1).scores)
+    for chunk in (None, 2):
+        np.testing.assert_allclose(np.asarray(eap_ig(cfg, params, pairs, steps=5, step_chunk=chunk).scores), one,
+                                   atol=1e-6 * np.abs(one).max())
