@@ -270,7 +270,9 @@ def run(args) -> tuple[list[dict], dict]:
     meta["load_avg_start"] = os.getloadavg()
     roofline = harness.matmul_roofline()
     meta["roofline_gflops_fp32"] = roofline
-    print(f"fp32 matmul roofline: {roofline:.0f} GFLOP/s; load average {meta['load_avg_start']}", flush=True)
+    meta["torch_roofline_gflops_fp32"] = harness.torch_matmul_roofline()
+    print(f"fp32 matmul roofline: {roofline:.0f} GFLOP/s (torch: {meta['torch_roofline_gflops_fp32']:.0f}); "
+          f"load average {meta['load_avg_start']}", flush=True)
 
     overrides = {"n_layer" if "gpt2" in args.model else "num_hidden_layers": args.n_layers,
                  "n_embd" if "gpt2" in args.model else "hidden_size": args.d_model,
@@ -421,7 +423,8 @@ def main() -> None:
     args = parser.parse_args()
     start = time.perf_counter()
     rows, meta = run(args)
-    print(f"\nroofline {meta['roofline_gflops_fp32']:.0f} GFLOP/s fp32; load average start "
+    print(f"\nroofline {meta['roofline_gflops_fp32']:.0f} GFLOP/s fp32 (torch {meta['torch_roofline_gflops_fp32']:.0f}); "
+          f"load average start "
           f"{meta['load_avg_start']}, end {meta['load_avg_end']}; total {time.perf_counter() - start:.0f} s\n")
     print(markdown(rows, meta))
 

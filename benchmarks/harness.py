@@ -66,6 +66,16 @@ def matmul_roofline(n: int = 2048, dtype=jnp.float32, repeats: int = 5) -> float
     return 2 * n**3 / timing["min_s"] / 1e9
 
 
+def torch_matmul_roofline(n: int = 2048, repeats: int = 5) -> float:
+    """The same n x n fp32 matmul through torch (TransformerLens' backend) in GFLOP/s: on CPU its
+    BLAS and XLA's kernels differ, so each side's achieved fraction has its own yardstick."""
+    import torch
+
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    timing = time_call(lambda: a @ b, repeats=repeats)
+    return 2 * n**3 / timing["min_s"] / 1e9
+
+
 def matmul_chain_ceiling(cfg: Any, tokens: int, repeats: int = 5) -> float:
     """GFLOP/s of a forward + activation-gradient backward through `cfg.n_layers` layers of the
     model's dense matmuls alone (q/k/v, output, MLP in (+ gate), MLP out) on `tokens` rows in

@@ -9,7 +9,8 @@ position sweeps, and none of the prefix every pair shares; a head sweep's start 
 projects the heads' outputs; the last block's keys and values everywhere but the rest at the
 metric position only; two unembedding columns), averaged over the sweep's patches (those inside
 the shared prefix count, at no cost), turns both measured rates into
-GFLOP/s, and prints the speed-up jaxcirc would reach at 100% of the run's matmul roofline.
+GFLOP/s, and prints the speed-up jaxcirc would reach at 100% of the run's matmul roofline (and,
+where the run measured it, TransformerLens' fraction of torch's own matmul roofline).
 """
 
 from __future__ import annotations
@@ -55,11 +56,12 @@ def resumed_flops(cfg, batch: int, pos: int, by_position: bool, shared: int = 0)
 
 def main() -> None:
     print("| shape | batch x pos | sweep | TL GFLOP/patch | TL GFLOP/s (roofline) | jaxcirc GFLOP/patch | "
-          "jaxcirc GFLOP/s (roofline) | FLOP ratio | measured | at 100% roofline |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          "jaxcirc GFLOP/s (roofline) | FLOP ratio | measured | at 100% roofline | TL / torch roofline |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for path in sys.argv[1:]:
         data = json.load(open(path))
         roofline = data["machine"]["roofline_gflops_fp32"]
+        torch_roofline = data["machine"].get("torch_roofline_gflops_fp32")  # absent before 2026-12-07
         corrupt_at = data["machine"].get("corrupt_at")  # absent: files from before the shared-prefix skip
         rates = {(r["model"], r["task"], r["batch"], r["pos"], r["impl"]): r["rate"] for r in data["rows"]}
         for (model, task, batch, pos, impl), ours in rates.items():
@@ -74,7 +76,7 @@ def main() -> None:
             sweep = "resid_pre by (layer, pos)" if task == "patch_resid" else "z by (layer, head)"
             print(f"| {model} | {batch} x {pos} | {sweep} | {tl / 1e9:.1f} | {tl_rate:.0f} ({tl_rate / roofline:.0%}) | "
                   f"{us / 1e9:.1f} | {our_rate:.0f} ({our_rate / roofline:.0%}) | {tl / us:.1f}x | {ours / theirs:.1f}x | "
-                  f"{tl / us * roofline / tl_rate:.1f}x |")
+                  f"{tl / us * roofline / tl_rate:.1f}x | {f'{tl_rate / torch_roofline:.0%}' if torch_roofline else ''} |")
 
 
 if __name__ == "__main__":

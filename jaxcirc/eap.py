@@ -62,6 +62,8 @@ Endpoint = Literal["left", "right"]
 _GRAD_TEMPLATES = ("attn.hook_q", "attn.hook_k", "attn.hook_v", "hook_mlp_in")
 _PROJECTIONS = (("attn.hook_q", "hook_q_input", "W_Q"), ("attn.hook_k", "hook_k_input", "W_K"),
                 ("attn.hook_v", "hook_v_input", "W_V"))
+# What `backward_statistics` reads from the gradient pass's cache.
+STATISTICS_CACHE = ("blocks.*.hook_resid_pre", "blocks.*.attn.hook_q", "blocks.*.attn.hook_k", "blocks.*.attn.hook_v")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,6 +132,18 @@ def _folded_weights(cfg: ModelConfig, params: Any, layer: int, weight: str) -> A
     return scale[:, None, None] * params["blocks"]["attn"][weight][layer].astype(jnp.float32)
 
 
+def _projection_offset(cfg: ModelConfig, params: Any, layer: int, weight: str) -> Array:
+    """What a q/k/v activation adds to x^ W (W with ln1's scale folded in): ln1's bias projected,
+    plus the projection's bias; [head, d_head] float32."""
+    offset = 0.0
+    ln_bias = params["blocks"]["ln1"].get("b")
+    if ln_bias is not None:
+        offset = jnp.einsum("d,dnk->nk", ln_bias[layer].astype(jnp.float32),
+                            params["blocks"]["attn"][weight][layer].astype(jnp.float32))
+    bias = params["blocks"]["attn"].get("b" + weight[1:])
+    return offset if bias is None else offset + bias[layer].astype(jnp.float32)
+
+
 def backward_statistics(cfg: ModelConfig, params: Any, grads: Mapping[str, Any], cache: Mapping[str, Array]
                         ) -> tuple[dict[str, Any], dict[str, Any]]:
     """What one backward pass contributes to the destination gradients, in pieces that add over
@@ -138,7 +152,8 @@ def backward_statistics(cfg: ModelConfig, params: Any, grads: Mapping[str, Any],
     ln1's VJP at x (s its rms, centred for LayerNorm; x^ = x / s) maps a head's cotangent g W^T
     (W the projection with ln1's scale folded in) to (g W^T - mean_d(g W^T) - x^ mean_d(g W^T x^)) / s,
     the mean term for LayerNorm only. So with a = g / s, b = mean_d(g W^T) / s, c = g . (x^ W) / d_model
-    and x = x^ / s, the q/k/v input gradient is a W^T - b - x c (`destination_grads`).
+    and x = x^ / s, the q/k/v input gradient is a W^T - b - x c (`destination_grads`). x^ W is the
+    cached hook_q/k/v less the biases (`STATISTICS_CACHE`), not a second projection.
     Returns (sums: "hook_mlp_in", "logits" and per template "a", "b"; outer: "x" and per template "c"),
     per-layer lists of [batch, pos, ...] float32."""
     sums: dict[str, Any] = {"hook_mlp_in": grads["hook_mlp_in"], "logits": grads["logits"]}
@@ -154,14 +169,13 @@ def backward_statistics(cfg: ModelConfig, params: Any, grads: Mapping[str, Any],
         x_hat = x / rms
         outer["x"].append(x_hat / rms)
         for template, _, weight in _PROJECTIONS:
-            folded = _folded_weights(cfg, params, l, weight)
             g = grads[template][l].astype(jnp.float32)                         # [b, p, n, k]
             sums[template]["a"].append(g / rms[..., None])
-            b = (jnp.einsum("bpnk,nk->bpn", g, folded.mean(0)) / rms if cfg.norm == "layernorm"
-                 else jnp.zeros(g.shape[:3], jnp.float32))
+            b = (jnp.einsum("bpnk,nk->bpn", g, _folded_weights(cfg, params, l, weight).mean(0)) / rms
+                 if cfg.norm == "layernorm" else jnp.zeros(g.shape[:3], jnp.float32))
             sums[template]["b"].append(b)
-            outer[template].append(jnp.einsum("bpnk,bpnk->bpn", g, jnp.einsum("bpd,dnk->bpnk", x_hat, folded))
-                                   / cfg.d_model)
+            projected = cache[f"blocks.{l}.{template}"].astype(jnp.float32) - _projection_offset(cfg, params, l, weight)
+            outer[template].append(jnp.einsum("bpnk,bpnk->bpn", g, projected) / cfg.d_model)
     return sums, outer
 
 
@@ -218,7 +232,7 @@ def _eap_chunk_impl(params, pairs: MinimalPairs, weight: Array, base: dict[str, 
                     raise ValueError("EAP-IG interpolates hook_embed; remove the user intervention there.")
                 interventions["hook_embed"] = replace(embed)
             logits, cache = forward(params, run_pairs.clean,
-                                    Hooks(interventions, cache=cache_names + ("blocks.*.hook_resid_pre",)),
+                                    Hooks(interventions, cache=cache_names + STATISTICS_CACHE),
                                     logits_at=run_pairs.position)
             reference = jax.lax.stop_gradient(logits) if clean_logits is None else clean_logits
             return metric(logits, run_pairs, reference).sum(), cache
@@ -325,10 +339,13 @@ def eap(cfg: ModelConfig, params: Any, pairs: MinimalPairs, *, metric: str | Met
     steps = int(steps) if integrated else 1
     metric_fn = resolve_metric(metric)
     base = base_interventions(hooks)
-    on_ln1 = sorted(name for name in base if ".ln1." in name)
-    if on_ln1:
-        raise ValueError(f"EAP differentiates each head's query/key/value input through ln1, so it cannot "
-                         f"take interventions on ln1 ({on_ln1}); intervene on hook_resid_pre instead.")
+    # The q/k/v input gradients are derived from ln1 and the projection as the model computes them.
+    on_path = sorted(name for name in base
+                     if ".ln1." in name or name.endswith((".attn.hook_q", ".attn.hook_k", ".attn.hook_v")))
+    if on_path:
+        raise ValueError(f"EAP differentiates each head's query/key/value input through ln1 and the q/k/v "
+                         f"projection, so it cannot take interventions there ({on_path}); intervene on "
+                         "hook_resid_pre instead.")
     graph = Graph.from_config(cfg)
     n = int(pairs.clean.shape[0])
     if step_chunk is None:

@@ -154,6 +154,8 @@ def test_bad_requests_are_explained(neox):
     scale = jnp.ones((len(pairs), pairs.n_pos, 1))
     with pytest.raises(ValueError, match=r"through ln1.*blocks\.0\.ln1\.hook_scale.*hook_resid_pre"):
         eap(cfg, params, pairs, hooks={"blocks.0.ln1.hook_scale": Intervention(replace=scale)})
+    with pytest.raises(ValueError, match=r"q/k/v projection.*blocks\.1\.attn\.hook_k"):
+        eap_ig(cfg, params, pairs, hooks={"blocks.1.attn.hook_k": Intervention(add=jnp.ones(()))})
 
 
 @pytest.mark.parametrize("cfg", [
@@ -168,7 +170,7 @@ def test_destination_grads_equal_the_per_head_input_gradients(cfg):
     the result equals differentiating at the per-head inputs themselves (hook_q_input, ...), which
     runs ln1 and the projections once per head. Two interpolation steps' statistics add up like
     their gradients."""
-    from jaxcirc.eap import _GRAD_TEMPLATES, backward_statistics, destination_grads
+    from jaxcirc.eap import _GRAD_TEMPLATES, STATISTICS_CACHE, backward_statistics, destination_grads
     params, pairs = tiny_models.random_params(cfg, 3), random_pairs(2, 3, 6)
     forward = make_forward(cfg, jit=False)
     batch, pos = pairs.clean.shape
@@ -186,8 +188,7 @@ def test_destination_grads_equal_the_per_head_input_gradients(cfg):
             hooks = {f"blocks.{l}.{t}": add(deltas[t][l]) for t in templates for l in range(cfg.n_layers)}
             hooks[f"blocks.{cfg.n_layers - 1}.hook_resid_post"] = add(deltas["logits"])
             hooks["hook_embed"] = Intervention(replace=scale * emb)
-            logits, cache = forward(params, pairs.clean, Hooks(hooks, cache=("blocks.*.hook_resid_pre",)),
-                                    logits_at=pairs.position)
+            logits, cache = forward(params, pairs.clean, Hooks(hooks, cache=STATISTICS_CACHE), logits_at=pairs.position)
             return logit_diff(logits, pairs, logits).sum(), cache
         return jax.grad(metric, has_aux=True)(zeros)
 
