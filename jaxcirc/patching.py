@@ -54,7 +54,8 @@ from jaxcirc.memory import device_budget, device_bytes, plan_chunks
 from jaxcirc.metrics import Metric, answer_foil_columns, get_metric, metric_name, normalise
 from jaxcirc.models import hook_points
 from jaxcirc.models.config import ModelConfig
-from jaxcirc.models.resume import final_logits, packed_pair, run_from_layer, suffix, supports_resume
+from jaxcirc.models.resume import (final_logits, packed_pair, pair_slots, partner_position, run_from_layer, suffix,
+                                   supports_resume)
 from jaxcirc.models.transformer import make_forward
 from jaxcirc.pairs import MinimalPairs
 from jaxcirc.sharding import DATA, place, to_host
@@ -308,9 +309,9 @@ _compiled_sweep = jax.jit(_sweep_program, static_argnames=("cfg", "spec", "metri
 # A patch at layer l, position p changes nothing before layer l, nor (causal attention) at
 # positions < p. The resumed program starts each patch from the unpatched run's residual before
 # layer l and, when the sweep is by position, recomputes only positions >= p, reading the
-# keys/values of earlier positions from the unpatched run. The suffixes from p and from
-# pos - 1 - p together fill one row of pos + 1 slots (`models.resume.packed_pair`), so every row
-# has the same length and no slot is wasted. A chunk of rows shares its start layer (a traced
+# keys/values of earlier positions from the unpatched run. The suffixes from p and a partner
+# position together fill one row (`models.resume.packed_pair`, `pair_slots`), so every row has the
+# same length and no slot is wasted. A chunk of rows shares its start layer (a traced
 # scalar: one program serves every layer). When every pair's clean and corrupted prompts share
 # their first s tokens (`MinimalPairs.shared_prefix`), the two runs' activations are equal there,
 # so a resampled patch changes nothing at positions < s: rows hold only positions >= s and
@@ -342,8 +343,8 @@ def resume_schedule(table: np.ndarray, spec: SiteSpec, n_layers: int, pos: int, 
     """Arrange patches (rows of `table` [n, len(by)]) in rows of the resumed program, grouped in
     chunks of at most `limit` rows that share a start layer.
 
-    With position packing a row holds the patch at position p (first segment) and one at
-    pos + shared - 1 - p (second segment), either missing when the table has none; otherwise a
+    With position packing a row holds the patch at position p (first segment) and one at its
+    partner (`partner_position`, second segment), either missing when the table has none; otherwise a
     row is one patch. Patches at a position < `shared` (where both runs agree) are left out.
     Returns (starts [n_chunks] start layer, firsts [n_chunks, rows] each row's p,
     indices [n_chunks, rows, segments, len(by)], slots [n_chunks, rows, segments] the table row
@@ -356,14 +357,11 @@ def resume_schedule(table: np.ndarray, spec: SiteSpec, n_layers: int, pos: int, 
     if packs_positions(spec):
         requested = table[:, spec.by.index("pos")]
         at = np.where(requested >= 0, requested, shared)  # -1 selects no position: any row will do
-        first = np.minimum(at, pos + shared - 1 - at)
+        first = np.minimum(at, partner_position(pos, at, shared))   # never equal: pair_slots is odd
         for s in range(n_layers):
             for p in np.unique(first[(start == s) & (at >= shared)]):
                 here = (start == s) & (first == p)
                 lists = [np.flatnonzero(here & (at == p)), np.flatnonzero(here & (at != p))]
-                if p == pos + shared - 1 - p:  # the middle position fills both segments
-                    both = np.flatnonzero(here)
-                    lists = [both[0::2], both[1::2]]
                 for k in range(max(len(lists[0]), len(lists[1]))):
                     rows[s].append((int(p), [int(x[k]) if k < len(x) else -1 for x in lists]))
     else:
@@ -442,7 +440,7 @@ def _resumed_sweep_program(params: Any, pairs: MinimalPairs, starts: Array, firs
     pos_axis = spec.dims.index("pos") if "pos" in spec.dims else None
     layer_j = spec.by.index("layer")
     at = pairs.position
-    n = pos - shared + 1 if packed else pos - shared
+    n = pair_slots(pos, shared) if packed else pos - shared
 
     def to_slots(a: Array, positions: Array) -> Array:
         if pos_axis is None or a.shape[pos_axis] == 1:
@@ -472,8 +470,8 @@ def _resumed_sweep_program(params: Any, pairs: MinimalPairs, starts: Array, firs
             plan = make_plan(cfg, Hooks({f"blocks.0.{spec.template}": iv}), batch, n)
             hook = HookContext(plan, start, {}, {spec.template: iv})
             # Each segment reads the metric at its slot of the metric position (packed_pair's layout).
-            partner = pos + shared - 1 - first
-            seg_first, seg_slot = (([first, partner], [at - first, at - shared + 1]) if packed
+            partner = partner_position(pos, first, shared)
+            seg_first, seg_slot = (([first, partner], [at - first, at - pos + n]) if packed
                                    else ([shared], [at - shared]))
             query_at = jnp.clip(jnp.stack(seg_slot, axis=1), 0, n - 1)
             x = run_from_layer(cfg, params, resid_all[:, slots], start, hook, packing=packing, prefix_kv=prefix_kv,
@@ -603,7 +601,7 @@ def patch_sweep(model: Any, pairs: MinimalPairs, site: str, by: str | Sequence[s
     if prefix_reuse and supports_resume(cfg):
         if max_patches_per_chunk is None and jax.default_backend() == "cpu":
             tokens_per_row = -(-batch // (dict(mesh.shape).get(DATA, 1) if mesh is not None else 1)) * (
-                pos - shared + 1 if packs_positions(spec) else pos - shared)
+                pair_slots(pos, shared) if packs_positions(spec) else pos - shared)
             chunk = min(chunk, max(1, CPU_CHUNK_TOKENS // tokens_per_row))
         starts, firsts, groups, slots = resume_schedule(table, spec, cfg.n_layers, pos, chunk, shared)
         chunk, n_chunks = groups.shape[1], len(starts)

@@ -4,12 +4,14 @@ An intervention at layer l, position p leaves the residual before layer l unchan
 causal attention, every position < p unchanged at every layer. So an intervened run can start
 from the unintervened run's residual at layer l, recompute only positions >= p, and read the
 keys/values of the earlier positions from the unintervened run. Two such suffixes, from p and
-from n_pos - 1 - p, fill one row of n_pos + 1 slots exactly (`packed_pair`), so a sweep over
-positions recomputes what it must and nothing else, in rows of equal length. When the intervened
-and unintervened inputs share their first `shared` tokens and the intervention writes the other
-run's activations there (activation patching between minimal pairs), positions < shared cannot
-change either: rows then hold only positions >= shared (`suffix(n_pos, shared)`, or two suffixes
-in n_pos - shared + 1 slots: `packed_pair(n_pos, p, shared)`):
+from a partner position, fill one row exactly (`packed_pair`): n_pos + 1 slots pairing p with
+n_pos - 1 - p when n_pos is even, n_pos slots pairing p with n_pos - p (position 0 alone) when it
+is odd (`pair_slots`), so a sweep over positions recomputes what it must and nothing else, in rows
+of equal length. When the intervened and unintervened inputs share their first `shared` tokens
+and the intervention writes the other run's activations there (activation patching between
+minimal pairs), positions < shared cannot change either: rows then hold only positions >= shared
+(`suffix(n_pos, shared)`, or two suffixes in `pair_slots(n_pos, shared)` slots:
+`packed_pair(n_pos, p, shared)`):
 
     packing = packed_pair(n_pos, p)
     x = run_from_layer(cfg, params, resid_pre[start][:, packing.positions], start, hook,
@@ -68,15 +70,28 @@ def suffix(n_pos: int, first: int = 0) -> Packing:
     return Packing(positions, jnp.zeros_like(positions), jnp.full_like(positions, first))
 
 
+def pair_slots(n_pos: int, shared: int = 0) -> int:
+    """Slots of a packed row: the n_pos - shared positions a row may recompute, rounded up to odd.
+    The suffixes from p and from its partner fill them exactly, and with an odd count no position
+    is its own partner (which would leave half a row empty)."""
+    return (n_pos - shared) | 1
+
+
+def partner_position(n_pos: int, first, shared: int = 0):
+    """The position whose suffix shares a packed row with the suffix from `first` (n_pos: none)."""
+    return 2 * n_pos - pair_slots(n_pos, shared) - first
+
+
 def packed_pair(n_pos: int, first: Array, shared: int = 0) -> Packing:
-    """Two suffixes in n_pos - shared + 1 slots: positions first..n_pos-1 (segment 0), then
-    partner..n_pos-1 with partner = n_pos + shared - 1 - first (segment 1), for shared <= first
-    <= partner. Position q sits in slot q - first (segment 0) and q - shared + 1 (segment 1).
-    `first` may be traced; `shared` (positions no row recomputes) is static."""
-    slot = jnp.arange(n_pos - shared + 1, dtype=jnp.int32)
+    """Two suffixes in S = pair_slots(n_pos, shared) slots: positions first..n_pos-1 (segment 0),
+    then partner..n_pos-1 with partner = 2 n_pos - S - first (segment 1, empty when partner is
+    n_pos), for shared <= first <= partner. Position q sits in slot q - first (segment 0) and
+    q - n_pos + S (segment 1). `first` may be traced; `shared` (positions no row recomputes) is static."""
+    n_slots = pair_slots(n_pos, shared)
+    slot = jnp.arange(n_slots, dtype=jnp.int32)
     second = slot >= n_pos - first
-    return Packing(jnp.where(second, slot + shared - 1, first + slot), second.astype(jnp.int32),
-                   jnp.where(second, n_pos + shared - 1 - first, first).astype(jnp.int32))
+    return Packing(jnp.where(second, slot + n_pos - n_slots, first + slot), second.astype(jnp.int32),
+                   jnp.where(second, partner_position(n_pos, first, shared), first).astype(jnp.int32))
 
 
 def key_mask(cfg: ModelConfig, packing: Packing, n_prefix: int, local_window: Array | None = None) -> Array:

@@ -19,7 +19,7 @@ from jaxcirc.hooks import Hooks, replace
 from jaxcirc.memory import MemoryBudgetError
 from jaxcirc.model import Model
 from jaxcirc.models.config import ModelConfig, RopeConfig
-from jaxcirc.models.resume import key_mask, packed_pair
+from jaxcirc.models.resume import key_mask, packed_pair, pair_slots, partner_position
 from jaxcirc.models.transformer import make_forward, param_shapes
 from jaxcirc.pairs import from_tokens
 from jaxcirc.patching import (PatchResult, after_heads, chunking, compile_log, estimate_patch_bytes,
@@ -320,8 +320,8 @@ def test_equals_transformer_lens_gpt2():
 # ---------------------------------------------------------------------------- prefix reuse
 
 PREFIX_CASES = [
-    # resid_pre by (layer, pos): start layer + packed position suffixes (5 positions: the middle
-    # one fills both segments of its row); heads by (layer, head): start layer only;
+    # resid_pre by (layer, pos): start layer + packed position suffixes (5 positions: rows of 5
+    # slots, position 0 alone); heads by (layer, head): start layer only;
     # grouped-query attention with rotary (llama); windows, soft caps, post-norms (gemma_like).
     ("gpt2", "resid_pre", ("layer", "pos"), "denoising", "resample"),
     ("llama", "resid_pre", ("layer", "pos"), "noising", "pos_mean"),
@@ -349,25 +349,47 @@ def test_resume_schedule_packs_complementary_positions():
     spec = resolve_site(cfg, "resid_pre", ("layer", "pos"))
     table = np.array([[1, 4], [0, 0], [1, 1], [-1, -1], [0, 3], [1, 0], [0, 2], [0, 2]], np.int32)
     starts, firsts, indices, slots = resume_schedule(table, spec, cfg.n_layers, 5, limit=2)
-    # Layer 0: position 0 alone (its partner 4 is not in the table), 3 with partner 1 missing, the
-    # middle position 2 twice (both segments); layer 1 (the last: the no-op patch runs there, as
-    # position 0): the no-op with 4, then 0, 1 alone, then a padding row.
+    # Rows of 5 slots pair p with 5 - p. Layer 0: position 0 alone (no partner), 2 with 3, the
+    # second 2 alone, a padding row; layer 1 (the last: the no-op patch runs there, as position 0):
+    # the no-op, 0, then 1 with 4 and a padding row.
     assert starts.tolist() == [0, 0, 1, 1] and slots.shape == (4, 2, 2)
-    assert firsts.tolist() == [[0, 1], [2, 0], [0, 0], [1, 0]]
-    assert slots.tolist() == [[[1, -1], [-1, 4]], [[6, 7], [-1, -1]], [[3, 0], [5, -1]], [[2, -1], [-1, -1]]]
+    assert firsts.tolist() == [[0, 2], [2, 0], [0, 0], [1, 0]]
+    assert slots.tolist() == [[[1, -1], [6, 4]], [[7, -1], [-1, -1]], [[3, -1], [5, -1]], [[2, 0], [-1, -1]]]
     assert (indices[slots < 0] == -1).all()  # empty segments select nothing
     np.testing.assert_array_equal(np.sort(slots[slots >= 0]), np.arange(len(table)))
 
 
 def test_packed_pair_layout_and_mask():
+    # An even length: 4 + 1 slots, p with 4 - 1 - p; an odd one: 5 slots, p with 5 - p.
+    assert packed_pair(4, 1).positions.tolist() == [1, 2, 3, 2, 3]
     packing = packed_pair(5, 1)
-    assert packing.positions.tolist() == [1, 2, 3, 4, 3, 4]
-    assert packing.segment.tolist() == [0, 0, 0, 0, 1, 1] and packing.segment_start.tolist() == [1] * 4 + [3] * 2
+    assert packing.positions.tolist() == [1, 2, 3, 4, 4]
+    assert packing.segment.tolist() == [0, 0, 0, 0, 1] and packing.segment_start.tolist() == [1] * 4 + [4]
+    assert packed_pair(5, 0).segment.tolist() == [0] * 5  # position 0's partner would be 5: alone
     mask = np.asarray(key_mask(CONFIGS["gpt2"], packing, n_prefix=5))
-    # Slot 4 (position 3, second segment) reads the unpatched keys at 0-2 and itself, nothing of
+    # Slot 4 (position 4, second segment) reads the unpatched keys at 0-3 and itself, nothing of
     # the first segment; slot 1 (position 2, first segment) reads key 0 and slots 0-1.
-    assert mask[4].tolist() == [True, True, True, False, False] + [False] * 4 + [True, False]
-    assert mask[1].tolist() == [True, False, False, False, False] + [True, True, False, False, False, False]
+    assert mask[4].tolist() == [True] * 4 + [False] + [False] * 4 + [True]
+    assert mask[1].tolist() == [True, False, False, False, False] + [True, True, False, False, False]
+
+
+def test_packed_rows_hold_every_suffix_once_and_nothing_else():
+    """For every length and shared prefix, the rows `resume_schedule` asks for (p paired with its
+    partner) hold the suffixes from every position past the prefix exactly once, with no empty slot
+    but the lone suffix of an odd count."""
+    for n_pos in range(2, 9):
+        for shared in range(n_pos):
+            firsts = sorted({min(p, int(partner_position(n_pos, p, shared))) for p in range(shared, n_pos)})
+            held = []
+            for first in firsts:
+                packing = packed_pair(n_pos, first, shared)
+                assert len(packing.positions) == pair_slots(n_pos, shared) <= n_pos - shared + 1
+                segment, positions = np.asarray(packing.segment), np.asarray(packing.positions)
+                for seg in (0, 1):
+                    part = positions[segment == seg].tolist()
+                    assert part == list(range(part[0], n_pos)) if part else seg == 1, (n_pos, shared, first)
+                    held += part[:1]
+            assert sorted(held) == list(range(shared, n_pos)), (n_pos, shared)
 
 
 # ---------------------------------------------------------------------------- shared prefix
@@ -433,9 +455,10 @@ def test_resume_schedule_leaves_out_the_shared_prefix():
 
 
 def test_packed_pair_after_a_shared_prefix():
-    packing = packed_pair(6, 2, shared=1)  # positions 2..5 and 4..5 in 6 - 1 + 1 slots
-    assert packing.positions.tolist() == [2, 3, 4, 5, 4, 5]
-    assert packing.segment.tolist() == [0, 0, 0, 0, 1, 1] and packing.segment_start.tolist() == [2] * 4 + [4] * 2
+    packing = packed_pair(6, 2, shared=1)  # positions 2..5 and 5 in 6 - 1 slots (odd), 3..5 alone
+    assert packing.positions.tolist() == [2, 3, 4, 5, 5]
+    assert packing.segment.tolist() == [0, 0, 0, 0, 1] and packing.segment_start.tolist() == [2] * 4 + [5]
+    assert packed_pair(7, 2, shared=1).positions.tolist() == [2, 3, 4, 5, 6, 5, 6]  # 7 - 1 + 1 slots (even count)
 
 
 def test_sites_at_or_after_the_heads_reuse_their_outputs():
