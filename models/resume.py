@@ -34,6 +34,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from jaxcirc.models.common import _no_hook, attention_mask, rope_tables
@@ -77,7 +78,7 @@ def pair_slots(n_pos: int, shared: int = 0) -> int:
     return (n_pos - shared) | 1
 
 
-def partner_position(n_pos: int, first, shared: int = 0):
+def partner_position(n_pos: int, first: Array | np.ndarray | int, shared: int = 0) -> Array | np.ndarray | int:
     """The position whose suffix shares a packed row with the suffix from `first` (n_pos: none)."""
     return 2 * n_pos - pair_slots(n_pos, shared) - first
 
