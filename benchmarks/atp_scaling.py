@@ -29,8 +29,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from harness import machine, matmul_chain_ceiling, matmul_roofline, time_call, write_rows, write_table  # noqa: E402
-from patching_throughput import GPT2_SMALL, make_pairs, random_params  # noqa: E402
-from prefix_reuse import SMOLLM2_SHAPE, forward_flops  # noqa: E402
+from patching_throughput import make_pairs, random_params  # noqa: E402
+from shapes import add_shape_arguments, chosen_points, forward_flops  # noqa: E402
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -55,18 +55,14 @@ def nominal_peak(dtype: str) -> float | None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", choices=("gpt2-small-shape", "smollm2-shape"), default="gpt2-small-shape")
-    parser.add_argument("--batches", default="8")
-    parser.add_argument("--pos", default="16")
-    parser.add_argument("--layers", default=None, help="comma list of depths (default: the model's)")
+    add_shape_arguments(parser)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     parser.add_argument("--peak-tflops", type=float, default=None,
                         help="the device's nominal dense peak for --dtype (default: the table for known devices)")
     parser.add_argument("--out", default="atp_scaling.json")
     args = parser.parse_args()
-    base = GPT2_SMALL if args.model == "gpt2-small-shape" else SMOLLM2_SHAPE
-    depths = [base.n_layers] if args.layers is None else [int(x) for x in args.layers.split(",")]
+    base, depths, batches, lengths = chosen_points(args)
     roofline = matmul_roofline(2048 if jax.default_backend() == "cpu" else 8192, jnp.dtype(args.dtype))
     peak = args.peak_tflops or nominal_peak(args.dtype)
     meta = machine() | {"roofline_gflops": roofline, "dtype": args.dtype, "peak_tflops": peak,
@@ -77,12 +73,12 @@ def main() -> None:
     for n_layers in depths:
         cfg = base.replace(n_layers=n_layers, dtype=args.dtype)
         params = random_params(cfg)
-        for batch in (int(x) for x in args.batches.split(",")):
-            for pos in (int(x) for x in args.pos.split(",")):
+        for batch in batches:
+            for pos in lengths:
                 pairs = make_pairs(batch, pos, cfg.d_vocab)
                 run = lambda: jnp.asarray(atp(cfg, params, pairs, sites=("head", "mlp_out", "resid_pre"))["head"])
                 t = time_call(run, repeats=args.repeats)
-                flops = 3 * batch * forward_flops(cfg, pos)
+                flops = 3 * forward_flops(cfg, batch, pos)
                 ceiling = matmul_chain_ceiling(cfg, batch * pos)
                 row = {"model": args.model, "n_layers": n_layers, "batch": batch, "pos": pos,
                        "first_s": t["first_s"], "median_s": t["median_s"], "pairs_per_s": batch / t["median_s"],

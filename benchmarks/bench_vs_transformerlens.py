@@ -56,7 +56,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 os.environ.setdefault("TQDM_DISABLE", "1")  # TL's patching loop draws a progress bar per sweep
 
 import harness  # noqa: E402
-from tl_patching_parity import tl_model  # noqa: E402
+from shapes import forward_flops  # noqa: E402
+from tl_patching_parity import random_hf_model, tl_model  # noqa: E402
 
 MODELS: dict[str, tuple[str, str, str, dict[str, Any]]] = {
     # name -> (tl_model family, transformers config class, model class, config kwargs)
@@ -71,19 +72,9 @@ MODELS: dict[str, tuple[str, str, str, dict[str, Any]]] = {
 
 def make_hf(name: str, overrides: dict[str, int], seed: int = 0):
     """Random-init HF model of the named shape; biases / norm weights jittered off their init."""
-    import torch
-    import transformers
-
     family, config_cls, model_cls, kwargs = MODELS[name]
     kwargs = {**kwargs, **{k: v for k, v in overrides.items() if v}}
-    config = getattr(transformers, config_cls)(**kwargs)
-    config._attn_implementation = "eager"
-    torch.manual_seed(seed)
-    model = getattr(transformers, model_cls)(config).to(torch.float32).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.02 * torch.randn_like(p))
-    return family, model
+    return family, random_hf_model(config_cls, model_cls, kwargs, seed, jitter=0.02)
 
 
 def make_pairs(batch: int, pos: int, vocab: int, seed: int = 1, corrupt_at: list[int] | None = None):
@@ -97,15 +88,6 @@ def make_pairs(batch: int, pos: int, vocab: int, seed: int = 1, corrupt_at: list
     answer = rng.integers(0, vocab, batch).astype(np.int32)
     foil = ((answer + 1 + rng.integers(0, vocab - 1, batch)) % vocab).astype(np.int32)
     return clean, corrupt, answer, foil
-
-
-def forward_flops(cfg, batch: int, pos: int, unembed_positions: int) -> float:
-    """Matmul FLOPs of one forward: projections, attention (full pos x pos, as computed), MLP,
-    and the unembedding at `unembed_positions` positions per sequence."""
-    d, H, K, dh = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.d_head
-    per_token = 2 * d * (H + 2 * K) * dh + 2 * H * dh * d + 2 * 2 * H * pos * dh
-    per_token += 2 * d * cfg.d_mlp * (3 if cfg.gated_mlp else 2)
-    return batch * (pos * cfg.n_layers * per_token + unembed_positions * 2 * d * cfg.d_vocab)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -26,7 +26,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from harness import machine, matmul_roofline, write_rows  # noqa: E402
-from prefix_reuse import forward_flops  # noqa: E402
+from shapes import forward_flops  # noqa: E402
 
 import jaxcirc  # noqa: E402
 from jaxcirc.attribution_report import load_pairs  # noqa: E402
@@ -52,7 +52,7 @@ def main() -> None:
     roofline = matmul_roofline()
     meta = machine() | {"roofline_gflops": roofline, "command": " ".join(sys.argv), "pos": pos,
                         "distinct_pairs": len(base)}
-    flops_per_pair = (2 + 2 * args.steps) * forward_flops(model.config, pos)
+    flops_per_pair = (2 + 2 * args.steps) * forward_flops(model.config, 1, pos)
     print(f"{args.model}: {len(base)} distinct pairs of {pos} tokens, {args.pairs} run; roofline "
           f"{roofline:.0f} GFLOP/s; load {os.getloadavg()[0]:.1f}", flush=True)
     rows = []

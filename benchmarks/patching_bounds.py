@@ -18,11 +18,7 @@ from __future__ import annotations
 import json
 import sys
 
-from bench_vs_transformerlens import forward_flops
-from patching_throughput import GPT2_SMALL
-from prefix_reuse import SMOLLM2_SHAPE
-
-SHAPES = {"gpt2-small-shape": GPT2_SMALL, "smollm2-shape": SMOLLM2_SHAPE}
+from shapes import SHAPES, forward_flops
 
 
 def layer_flops(cfg, n_keys: int) -> int:

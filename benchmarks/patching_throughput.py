@@ -24,9 +24,8 @@ from jaxcirc.models.config import ModelConfig
 from jaxcirc.models.transformer import param_shapes
 from jaxcirc.pairs import from_tokens
 from jaxcirc.patching import compile_log, patch_sweep
+from shapes import GPT2_SMALL
 
-GPT2_SMALL = ModelConfig(family="gpt2", n_layers=12, d_model=768, n_heads=12, d_head=64, d_mlp=3072,
-                         d_vocab=50257, n_ctx=1024, qkv_bias=True, o_bias=True, mlp_bias=True)
 
 
 def random_params(cfg: ModelConfig, seed: int = 0) -> dict:

@@ -22,40 +22,24 @@ import time
 import numpy as np
 
 from harness import machine, matmul_roofline, write_rows, write_table
-from patching_throughput import GPT2_SMALL, make_pairs, random_params
+from patching_throughput import make_pairs, random_params
+from shapes import add_shape_arguments, chosen_points, forward_flops
 
 from jaxcirc.model import Model
-from jaxcirc.models.config import ModelConfig
 from jaxcirc.patching import patch_sweep
 
-SMOLLM2_SHAPE = ModelConfig(family="llama", n_layers=30, d_model=576, n_heads=9, n_kv_heads=3, d_head=64,
-                            d_mlp=1536, d_vocab=49152, n_ctx=8192, norm="rmsnorm", activation="silu",
-                            gated_mlp=True, positional="rotary", rope={"theta": 100000.0, "rotary_dim": 64},
-                            tied_embeddings=True)
 VARIANTS = {"full": dict(prefix_reuse=False), "reuse": dict()}
-
-
-def forward_flops(cfg: ModelConfig, pos: int) -> float:
-    """FLOPs of one forward of one sequence, logits at one position (matmuls only)."""
-    attn_proj = 2 * pos * cfg.d_model * cfg.d_head * (2 * cfg.n_heads + 2 * cfg.n_kv_heads)
-    attn_mix = 2 * 2 * cfg.n_heads * pos * pos * cfg.d_head
-    mlp = 2 * pos * cfg.d_model * cfg.d_mlp * (3 if cfg.gated_mlp else 2)
-    return cfg.n_layers * (attn_proj + attn_mix + mlp) + 2 * cfg.d_model * cfg.d_vocab
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", choices=("gpt2-small-shape", "smollm2-shape"), default="gpt2-small-shape")
-    parser.add_argument("--batches", default="8")
-    parser.add_argument("--pos", default="16")
-    parser.add_argument("--layers", default=None, help="comma list of depths (default: the model's)")
+    add_shape_arguments(parser)
     parser.add_argument("--variants", default="full,reuse")
     parser.add_argument("--sites", default="resid_pre,z")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--out", default="prefix_reuse.json")
     args = parser.parse_args()
-    base = GPT2_SMALL if args.model == "gpt2-small-shape" else SMOLLM2_SHAPE
-    depths = [base.n_layers] if args.layers is None else [int(x) for x in args.layers.split(",")]
+    base, depths, batches, lengths = chosen_points(args)
     variants = {k: VARIANTS[k] for k in args.variants.split(",")}
     sweeps = {"resid_pre": ("layer", "pos"), "z": ("layer", "head")}
     meta = machine() | {"roofline_gflops": matmul_roofline(), "command": " ".join(os.sys.argv)}
@@ -64,8 +48,8 @@ def main() -> None:
     for n_layers in depths:
         cfg = base.replace(n_layers=n_layers)
         model = Model(cfg, random_params(cfg))
-        for batch in (int(x) for x in args.batches.split(",")):
-            for pos in (int(x) for x in args.pos.split(",")):
+        for batch in batches:
+            for pos in lengths:
                 pairs = make_pairs(batch, pos, cfg.d_vocab)
                 for site in args.sites.split(","):
                     by = sweeps[site]
@@ -90,7 +74,7 @@ def main() -> None:
                                "first_s": first[name], "median_s": median, "patches_per_s": n / median,
                                "speedup_vs_full": None if full_s is None else full_s / median,
                                # Full-forward FLOPs per second: what the patches would cost without reuse.
-                               "full_forward_equiv_gflops": n * batch * forward_flops(cfg, pos) / median / 1e9,
+                               "full_forward_equiv_gflops": n * forward_flops(cfg, batch, pos) / median / 1e9,
                                "max_abs_diff_vs_first": float(np.nanmax(np.abs(results[name].per_pair - ref))),
                                "load": os.getloadavg()[0]}
                         rows.append(row)

@@ -35,21 +35,26 @@ CHECKPOINTS: dict[str, tuple[str, str, dict[str, Any]]] = {
 }
 
 
-def make_hf_model(name: str, seed: int = 0):
-    """A random transformers model; every parameter (biases and norm weights included) is jittered
-    so that none is at its trivial initial value."""
+def random_hf_model(config_cls: str, model_cls: str, kwargs: dict[str, Any], seed: int = 0, jitter: float = 0.1):
+    """A random fp32 transformers model (eager attention); every parameter (biases and norm weights
+    included) gets jitter * N(0, 1) added, so that none is at its trivial initial value."""
     import torch
     import transformers
 
-    config_cls, model_cls, kwargs = CHECKPOINTS[name]
     config = getattr(transformers, config_cls)(**kwargs)
     config._attn_implementation = "eager"
     torch.manual_seed(seed)
     model = getattr(transformers, model_cls)(config).to(torch.float32).eval()
     with torch.no_grad():
         for p in model.parameters():
-            p.add_(0.1 * torch.randn_like(p))
+            p.add_(jitter * torch.randn_like(p))
     return model
+
+
+def make_hf_model(name: str, seed: int = 0):
+    """The named tiny checkpoint of CHECKPOINTS, random and jittered (`random_hf_model`)."""
+    config_cls, model_cls, kwargs = CHECKPOINTS[name]
+    return random_hf_model(config_cls, model_cls, kwargs, seed)
 
 
 def tl_model(name: str, hf_model):
