@@ -64,7 +64,7 @@ from jaxcirc.metrics import Metric, answer_foil_columns, get_metric, metric_name
 from jaxcirc.models import hook_points
 from jaxcirc.models.common import alibi_bias, causal_mask
 from jaxcirc.models.config import ModelConfig
-from jaxcirc.models.transformer import make_forward
+from jaxcirc.models.transformer import Run, make_joint_forward
 from jaxcirc.pairs import MinimalPairs
 from jaxcirc.sharding import shard_along_batch, shard_params, to_host
 
@@ -281,7 +281,7 @@ def _site_scores(site: str, clean: Array, corrupt: Array, grad: Array, mask: Arr
 def _atp_chunk_impl(params, pairs: MinimalPairs, weight: Array, base: dict[str, Intervention], *,
                     cfg: ModelConfig, sites: tuple[str, ...], per_position: bool, qk_fix: bool,
                     grad_drop: bool, metric: Metric, per_pair: bool) -> tuple[dict, dict]:
-    forward = make_forward(cfg, jit=False)
+    joint = make_joint_forward(cfg, jit=False)
     L = cfg.n_layers
     batch, pos = pairs.clean.shape
     rot_q, rot_k = _rotated_names(cfg)
@@ -291,15 +291,18 @@ def _atp_chunk_impl(params, pairs: MinimalPairs, weight: Array, base: dict[str, 
     clean_templates = act_templates + (["attn.hook_pattern"] if qk_fix else []) + (list(_LAYER_OUTPUTS) if grad_drop else [])
     names = lambda templates: tuple(f"blocks.*.{t}" for t in dict.fromkeys(templates))
 
-    _, corrupt_cache = forward(params, pairs.corrupt, Hooks(base, cache=names(act_templates)),
-                               logits_at=pairs.position)
     dtype = jnp.dtype(cfg.dtype)
     # Per layer, not stacked: a stacked delta's gradient and stacked caches would be copied
     # (hundreds of MB at batch 32) before the scores read them once.
     zeros = {t: list(zeros_for(cfg, t, batch, pos, dtype)) for t in grad_templates}
     columns, metric_pairs = answer_foil_columns(metric, pairs)  # logit_diff: unembed two columns only
+    corrupt_run = Run(pairs.corrupt, Hooks(base, cache=names(act_templates)), logits_at=pairs.position,
+                      logits_columns=columns)
 
-    def gradients(drop_layer=None, held=None, cache_names=()):
+    def gradients(drop_layer=None, held=None, cache_names=(), with_corrupt=False):
+        """(gradients, (clean cache, corrupt cache or None)). With `with_corrupt` the corrupted run
+        shares the clean run's layer scan (each layer's weights read once for both); the gradient
+        does not reach it, so it runs in the forward pass only."""
         def metric_sum(deltas):
             interventions = dict(base)
             for t, d in deltas.items():
@@ -316,12 +319,14 @@ def _atp_chunk_impl(params, pairs: MinimalPairs, weight: Array, base: dict[str, 
                         # Same value as the clean forward, but constant: the backward pass stops here.
                         interventions[name] = Intervention(held[t][l], jnp.reshape(drop_layer == l, (1, 1, 1)),
                                                            None if prev is None else prev.add)
-            logits, cache = forward(params, pairs.clean, Hooks(interventions, cache=cache_names),
-                                    logits_at=pairs.position, logits_columns=columns)
-            return metric(logits, metric_pairs, jax.lax.stop_gradient(logits)).sum(), cache
+            clean_run = Run(pairs.clean, Hooks(interventions, cache=cache_names), logits_at=pairs.position,
+                            logits_columns=columns)
+            (logits, cache), *corrupt = joint(params, [clean_run] + ([corrupt_run] if with_corrupt else []))
+            caches = (cache, corrupt[0][1] if corrupt else None)
+            return metric(logits, metric_pairs, jax.lax.stop_gradient(logits)).sum(), caches
         return jax.grad(metric_sum, has_aux=True)(zeros)
 
-    grads, clean_cache = gradients(cache_names=names(clean_templates))
+    grads, (clean_cache, corrupt_cache) = gradients(cache_names=names(clean_templates), with_corrupt=True)
     clean = {t: [clean_cache[f"blocks.{l}.{t}"] for l in range(L)] for t in clean_templates}
     corrupt = {t: [corrupt_cache[f"blocks.{l}.{t}"] for l in range(L)] for t in act_templates}
 

@@ -49,7 +49,7 @@ from jaxcirc.graph import Graph
 from jaxcirc.hooks import Hooks, Intervention, replace
 from jaxcirc.metrics import Metric, metric_name
 from jaxcirc.models.config import ModelConfig
-from jaxcirc.models.transformer import make_forward
+from jaxcirc.models.transformer import Run, make_joint_forward
 from jaxcirc.pairs import MinimalPairs
 from jaxcirc.sharding import shard_along_batch, shard_params, to_host
 
@@ -206,16 +206,18 @@ def _tile_batch(tree: Any, copies: int, batch: int) -> Any:
 
 def _eap_chunk_impl(params, pairs: MinimalPairs, weight: Array, base: dict[str, Intervention],
                     alphas: Array | None, *, cfg: ModelConfig, metric: Metric, step_chunk: int) -> Array:
-    forward = make_forward(cfg, jit=False)
+    joint = make_joint_forward(cfg, jit=False)
     L = cfg.n_layers
     batch, pos = pairs.clean.shape
     outputs = node_output_names(cfg)
     dtype = jnp.dtype(cfg.dtype)
+    corrupt_run = Run(pairs.corrupt, Hooks(base, cache=outputs), logits_at=pairs.position)
 
     def gradients(run_pairs: MinimalPairs, run_base: dict[str, Intervention], clean_logits: Array | None,
-                  embed: Array | None, cache_names=()):
+                  embed: Array | None, cache_names=(), with_corrupt=False):
         """`backward_statistics` of dM/d(destinations) for the clean tokens of `run_pairs` (embeddings
-        replaced by `embed`), and the cache."""
+        replaced by `embed`), and (the cache, the corrupted run's cache or None): with
+        `with_corrupt` that run shares the layer scan, in the forward pass only."""
         n = run_pairs.clean.shape[0]
         # Per layer, not stacked: a stacked delta's gradient would be copied on every step.
         zeros = {t: list(zeros_for(cfg, t, n, pos, dtype)) for t in _GRAD_TEMPLATES}
@@ -231,21 +233,20 @@ def _eap_chunk_impl(params, pairs: MinimalPairs, weight: Array, base: dict[str, 
                 if "hook_embed" in interventions:
                     raise ValueError("EAP-IG interpolates hook_embed; remove the user intervention there.")
                 interventions["hook_embed"] = replace(embed)
-            logits, cache = forward(params, run_pairs.clean,
-                                    Hooks(interventions, cache=cache_names + STATISTICS_CACHE),
-                                    logits_at=run_pairs.position)
+            clean_run = Run(run_pairs.clean, Hooks(interventions, cache=cache_names + STATISTICS_CACHE),
+                            logits_at=run_pairs.position)
+            (logits, cache), *corrupt = joint(params, [clean_run] + ([corrupt_run] if with_corrupt else []))
             reference = jax.lax.stop_gradient(logits) if clean_logits is None else clean_logits
-            return metric(logits, run_pairs, reference).sum(), cache
-        grads, cache = jax.grad(metric_sum, has_aux=True)(zeros)
-        return backward_statistics(cfg, params, grads, cache), cache
+            return metric(logits, run_pairs, reference).sum(), (cache, corrupt[0][1] if corrupt else None)
+        grads, caches = jax.grad(metric_sum, has_aux=True)(zeros)
+        return backward_statistics(cfg, params, grads, caches[0]), caches
 
-    _, corrupt_cache = forward(params, pairs.corrupt, Hooks(base, cache=outputs), logits_at=pairs.position)
     if alphas is None:
-        (sums, outer), clean_cache = gradients(pairs, base, None, None, outputs)
+        (sums, outer), (clean_cache, corrupt_cache) = gradients(pairs, base, None, None, outputs, with_corrupt=True)
         outer = jax.tree.map(lambda a: a[None], outer)
     else:
-        clean_logits, clean_cache = forward(params, pairs.clean, Hooks(base, cache=outputs),
-                                            logits_at=pairs.position)
+        (clean_logits, clean_cache), (_, corrupt_cache) = joint(
+            params, [Run(pairs.clean, Hooks(base, cache=outputs), logits_at=pairs.position), corrupt_run])
         emb, emb_x = clean_cache["hook_embed"], corrupt_cache["hook_embed"]
         # The interpolation steps of a chunk run as one batch of chunk * batch sequences (vmapping the
         # gradient of the layer scan instead costs memory quadratic in the depth on XLA), and a scan

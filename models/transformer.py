@@ -3,14 +3,17 @@
     forward = make_forward(cfg)
     logits, cache = forward(params, tokens, hooks)     # pure, jittable, vmappable, differentiable
 
+    joint = make_joint_forward(cfg)                    # independent runs sharing one layer scan
+    (logits_a, cache_a), (logits_b, cache_b) = joint(params, [Run(tokens_a, hooks_a), Run(tokens_b)])
+
 `params` is a plain nested dict of arrays (blocks stacked on a leading layer axis); the blocks
 run under `jax.lax.scan`, one block merged per step, so an L-layer model compiles one block.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -24,6 +27,17 @@ from jaxcirc.models.config import ModelConfig
 
 Array = jax.Array
 Params = dict[str, Any]
+
+
+class Run(NamedTuple):
+    """One forward of a joint forward (`make_joint_forward`): tokens [batch, pos] int32 and its
+    hooks, with `make_forward`'s keyword options."""
+
+    tokens: Array
+    hooks: Hooks | None = None
+    position_ids: Array | None = None
+    logits_at: Array | None = None
+    logits_columns: Array | None = None
 
 
 class Transformer(nnx.Module):
@@ -67,27 +81,33 @@ class Transformer(nnx.Module):
             x = x + top("hook_pos_embed", jnp.take(self.W_pos[...], position_ids, axis=0))
         return x
 
-    def run_blocks(self, x: Array, plan: HookPlan, position_ids: Array
-                   ) -> tuple[Array, dict[str, Array], dict[str, Array]]:
-        """Scan the stacked blocks over the residual [batch, pos, d_model]. Returns the residual,
-        the scan-carried buffers (partial caches, running node outputs for edge patching) and the
-        per-layer scan outputs (templates cached at every layer, stacked [layer, ...])."""
+    def run_blocks(self, streams: Sequence[tuple[Array, HookPlan, Array]]
+                   ) -> list[tuple[Array, dict[str, Array], dict[str, Array]]]:
+        """Scan the stacked blocks over one or more independent residual streams, each (residual
+        [batch, pos, d_model], its hook plan, position ids [batch, pos]). Every step reads its
+        layer's weights once for all of them. Returns per stream the residual, the scan-carried
+        buffers (partial caches, running node outputs for edge patching) and the per-layer scan
+        outputs (templates cached at every layer, stacked [layer, ...])."""
         cfg = self.cfg
-        rope = rope_tables(cfg.rope, position_ids) if cfg.positional == "rotary" else None
+        ropes = [rope_tables(cfg.rope, ids) if cfg.positional == "rotary" else None for _, _, ids in streams]
         block_def, block_state = nnx.split(self.blocks)
 
         def step(carry, xs):
-            resid, buffers = carry
-            state, layer, layer_ops, window = xs
-            hook = HookContext(plan, layer, buffers, layer_ops)
-            resid = nnx.merge(block_def, state)(resid, hook, rope, position_ids, window)
-            return (resid, hook.buffers), hook.outputs
+            state, layer, stream_ops, window = xs
+            block = nnx.merge(block_def, state)
+            carried, outputs = [], []
+            for (resid, buffers), (_, plan, ids), rope, layer_ops in zip(carry, streams, ropes, stream_ops):
+                hook = HookContext(plan, layer, buffers, layer_ops)
+                carried.append((block(resid, hook, rope, ids, window), hook.buffers))
+                outputs.append(hook.outputs)
+            return carried, outputs
 
         layers = jnp.arange(cfg.n_layers, dtype=jnp.int32)
         windows = None if cfg.layer_windows is None else jnp.asarray(cfg.layer_windows, jnp.int32)
-        xs = (block_state, layers, plan.scanned_ops(), windows)
-        (x, buffers), outputs = jax.lax.scan(step, (x, plan.init_buffers(x.dtype, x)), xs)
-        return x, buffers, outputs
+        xs = (block_state, layers, [plan.scanned_ops() for _, plan, _ in streams], windows)
+        init = [(x, plan.init_buffers(x.dtype, x)) for x, plan, _ in streams]
+        carried, outputs = jax.lax.scan(step, init, xs)
+        return [(x, buffers, out) for (x, buffers), out in zip(carried, outputs)]
 
     def unembed(self, x: Array, columns: Array | None = None) -> Array:
         """Residual after the final norm [..., d_model] -> logits [..., d_vocab]; with token ids
@@ -104,21 +124,29 @@ class Transformer(nnx.Module):
             logits = self.cfg.final_softcap * jnp.tanh(logits / self.cfg.final_softcap)
         return logits
 
-    def __call__(self, tokens: Array, hooks: Hooks, position_ids: Array | None = None,
-                 logits_at: Array | None = None, logits_columns: Array | None = None) -> tuple[Array, dict[str, Array]]:
-        batch, pos = tokens.shape
-        if position_ids is None:
-            position_ids = jnp.broadcast_to(jnp.arange(pos, dtype=jnp.int32), (batch, pos))
-        plan = make_plan(self.cfg, hooks, batch, pos)
-        top = HookContext(plan)
-        x = self.embed(tokens, position_ids, top)
-        x, buffers, outputs = self.run_blocks(x, plan, position_ids)
-        if plan.edges is not None:
-            x = x + plan.edges.logits_correction(buffers.pop(EDGE_OUTPUTS))
-        x = self.ln_final(x, top, "ln_final")
-        if logits_at is not None:
-            x = x[jnp.arange(batch), logits_at]
-        return self.unembed(x, logits_columns), plan.collect_cache(top.top_cache, buffers, outputs)
+    def __call__(self, runs: Sequence[Run]) -> list[tuple[Array, dict[str, Array]]]:
+        """(logits, cache) of each run; the runs share the layer scan (`run_blocks`)."""
+        streams, tops = [], []
+        for run in runs:
+            if run.logits_columns is not None and run.logits_at is None:
+                raise ValueError("logits_columns needs logits_at (one position per example).")
+            batch, pos = run.tokens.shape
+            ids = run.position_ids
+            if ids is None:
+                ids = jnp.broadcast_to(jnp.arange(pos, dtype=jnp.int32), (batch, pos))
+            plan = make_plan(self.cfg, as_hooks(run.hooks), batch, pos)
+            top = HookContext(plan)
+            streams.append((self.embed(run.tokens, ids, top), plan, ids))
+            tops.append(top)
+        results = []
+        for run, (_, plan, _), top, (x, buffers, outputs) in zip(runs, streams, tops, self.run_blocks(streams)):
+            if plan.edges is not None:
+                x = x + plan.edges.logits_correction(buffers.pop(EDGE_OUTPUTS))
+            x = self.ln_final(x, top, "ln_final")
+            if run.logits_at is not None:
+                x = x[jnp.arange(x.shape[0]), run.logits_at]
+            results.append((self.unembed(x, run.logits_columns), plan.collect_cache(top.top_cache, buffers, outputs)))
+        return results
 
 
 def abstract_model(cfg: ModelConfig) -> tuple[nnx.GraphDef, nnx.State]:
@@ -177,8 +205,20 @@ def make_forward(cfg: ModelConfig, jit: bool = True) -> Callable[..., tuple[Arra
     def forward(params: Params, tokens: Array, hooks: Hooks | None = None, *,
                 position_ids: Array | None = None, logits_at: Array | None = None,
                 logits_columns: Array | None = None):
-        if logits_columns is not None and logits_at is None:
-            raise ValueError("logits_columns needs logits_at (one position per example).")
-        return bind(cfg, params)(tokens, as_hooks(hooks), position_ids, logits_at, logits_columns)
+        return bind(cfg, params)([Run(tokens, hooks, position_ids, logits_at, logits_columns)])[0]
 
     return jax.jit(forward) if jit else forward
+
+
+def make_joint_forward(cfg: ModelConfig, jit: bool = True
+                       ) -> Callable[[Params, Sequence[Run]], list[tuple[Array, dict[str, Array]]]]:
+    """Several independent forwards in one layer scan: (params, [Run, ...]) -> [(logits, cache), ...],
+    each as `make_forward` would return it. Each layer's weights are read once for all the runs,
+    which on CPU copies them out of the stacked parameters once instead of once per run; under
+    `jax.grad` a run the differentiated inputs do not reach is computed in the forward scan only.
+    Runs may differ in batch, length and hooks."""
+
+    def joint(params: Params, runs: Sequence[Run]):
+        return bind(cfg, params)([Run(*run) for run in runs])
+
+    return jax.jit(joint) if jit else joint

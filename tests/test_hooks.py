@@ -12,7 +12,7 @@ import pytest
 import jaxcirc
 from jaxcirc import Hooks, ModelConfig, RopeConfig, add, replace
 from jaxcirc.models import hook_points
-from jaxcirc.models.transformer import make_forward, param_shapes
+from jaxcirc.models.transformer import Run, make_forward, make_joint_forward, param_shapes
 
 BATCH, POS = 2, 6
 
@@ -325,6 +325,43 @@ def test_grad_of_float_mask(gpt2):
     g_act = jax.grad(metric_act)(clean_cache[name])
     expected = (g_act * (corrupt_cache[name] - clean_cache[name])).sum(axis=(0, 2)).reshape(1, POS, 1)
     np.testing.assert_allclose(g_mask, expected, atol=1e-4)
+
+
+@pytest.mark.parametrize("fixture", ["llama", "gpt2"])
+def test_joint_forward_equals_separate_runs_and_their_gradients(fixture, request):
+    """Runs of different batch, length and hooks sharing one layer scan give each run's own logits,
+    caches and gradients; a run the gradient does not reach changes nothing."""
+    cfg, params, forward = request.getfixturevalue(fixture)
+    joint = make_joint_forward(cfg)
+    a, b = tokens(cfg, 1), tokens(cfg, 2, batch=3, pos=POS + 2)
+    names = ("blocks.0.hook_resid_pre", "blocks.1.attn.hook_z", "blocks.*.hook_mlp_out")
+    hooks_a = Hooks({"blocks.1.hook_resid_mid": add(jnp.linspace(-1.0, 1.0, cfg.d_model).reshape(1, 1, -1))}, cache=names)
+    head_1 = (jnp.arange(cfg.n_heads) == 1).reshape(1, 1, cfg.n_heads, 1)
+    hooks_b = Hooks({"blocks.0.attn.hook_z": replace(0.0, head_1)}, cache=names)
+    at_b = jnp.asarray([POS + 1, 3, 0])
+    (logits_a, cache_a), (logits_b, cache_b) = joint(params, [Run(a, hooks_a), Run(b, hooks_b, logits_at=at_b)])
+    for (logits, cache), (want_logits, want_cache) in (((logits_a, cache_a), forward(params, a, hooks_a)),
+                                                       ((logits_b, cache_b), forward(params, b, hooks_b, logits_at=at_b))):
+        np.testing.assert_allclose(logits, want_logits, atol=1e-5)
+        assert sorted(cache) == sorted(want_cache)
+        for name in cache:
+            np.testing.assert_allclose(cache[name], want_cache[name], atol=1e-5)
+    assert not np.allclose(logits_a, forward(params, a)[0], atol=1e-3)  # the hooks did act
+
+    name, last = "blocks.1.attn.hook_z", jnp.full((BATCH,), POS - 1)
+
+    def metric(delta, with_b):
+        runs = [Run(a, Hooks({name: add(delta)}), logits_at=last)] + ([Run(b)] if with_b else [])
+        return _logit_diff(cfg, joint(params, runs)[0][0]).sum()
+
+    def alone(delta):
+        return _logit_diff(cfg, forward(params, a, Hooks({name: add(delta)}), logits_at=last)[0]).sum()
+
+    zero = jnp.zeros(expected_shape(cfg, name))
+    want = jax.grad(alone)(zero)
+    assert np.abs(want).max() > 1e-3
+    for with_b in (False, True):
+        np.testing.assert_allclose(jax.grad(metric)(zero, with_b), want, atol=1e-6)
 
 
 # ----------------------------------------------------------------------------- opt-in points
