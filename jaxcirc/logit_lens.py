@@ -32,7 +32,7 @@ import numpy as np
 
 from jaxcirc.hooks import Hooks, as_hooks
 from jaxcirc.models.config import ModelConfig
-from jaxcirc.models.transformer import bind
+from jaxcirc.models.transformer import Run, bind
 from jaxcirc.sharding import DATA, shard_along_batch, shard_params, to_host
 
 Array = jax.Array
@@ -114,7 +114,7 @@ def lens_stats(params: dict, tokens: Array, read_pos: Array, token_ids: Array, h
     module = bind(cfg, params)
     gather_names = tuple(f"blocks.*.{t}" for t in gather)
     hooks = as_hooks(hooks, site_cache_names(cfg, sites) + gather_names)
-    out_logits, cache = module(tokens, hooks, None, read_pos)
+    out_logits, cache = module([Run(tokens, hooks, logits_at=read_pos)])[0]
 
     def stats(logits: Array) -> dict[str, Array]:
         result = token_stats(logits, token_ids)
