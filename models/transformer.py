@@ -126,6 +126,8 @@ class Transformer(nnx.Module):
 
     def __call__(self, runs: Sequence[Run]) -> list[tuple[Array, dict[str, Array]]]:
         """(logits, cache) of each run; the runs share the layer scan (`run_blocks`)."""
+        if not runs:
+            raise ValueError("A joint forward needs at least one Run(tokens, hooks, ...).")
         streams, tops = [], []
         for run in runs:
             if run.logits_columns is not None and run.logits_at is None:

@@ -362,6 +362,8 @@ def test_joint_forward_equals_separate_runs_and_their_gradients(fixture, request
     assert np.abs(want).max() > 1e-3
     for with_b in (False, True):
         np.testing.assert_allclose(jax.grad(metric)(zero, with_b), want, atol=1e-6)
+    with pytest.raises(ValueError, match="at least one Run"):
+        joint(params, [])
 
 
 # ----------------------------------------------------------------------------- opt-in points
