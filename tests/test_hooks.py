@@ -364,6 +364,8 @@ def test_joint_forward_equals_separate_runs_and_their_gradients(fixture, request
         np.testing.assert_allclose(jax.grad(metric)(zero, with_b), want, atol=1e-6)
     with pytest.raises(ValueError, match="at least one Run"):
         joint(params, [])
+    with pytest.raises(ValueError, match="logits_columns needs logits_at"):
+        joint(params, [Run(a), Run(b, logits_columns=jnp.zeros((3, 2), jnp.int32))])
 
 
 # ----------------------------------------------------------------------------- opt-in points
