@@ -10,13 +10,16 @@ GPT-2-small shape (random init) or `--model smollm2-shape`; AtP of heads [layer,
 difference. FLOPs the method needs = 3 forwards (corrupted forward, clean forward, and the
 backward w.r.t. activations only, which costs one forward: no weight gradients), each forward
 counting every matmul (projections, the full pos x pos attention square, MLP) and the
-unembedding at the metric position only (`prefix_reuse.forward_flops`). Roofline = the matmul
+unembedding at the metric position only (`shapes.forward_flops`). Roofline = the matmul
 micro-benchmark of the same run in the same dtype (2048^3 on CPU, 8192^3 on an accelerator);
 MFU = achieved / the device's nominal dense peak for that dtype (`--peak-tflops`, or the table
 below for known accelerators; none on CPU). "Ceiling" = the same run's forward + backward
 through the model's dense matmuls alone at the same number of rows
-(`harness.matmul_chain_ceiling`): the rate small matmuls reach on this machine. Writes JSON
-after every point and a markdown table.
+(`harness.matmul_chain_ceiling`), scanned over stacked weights like the model: the rate small
+matmuls reach on this machine; "unsliced" the same chain unrolled over per-layer arrays (what
+slicing the stacked weights costs), "cached weights" unrolled over one layer's arrays for every
+layer, which stay in the caches (what streaming the model's weights from memory costs).
+Writes JSON after every point and a markdown table.
 """
 
 from __future__ import annotations
@@ -80,16 +83,20 @@ def main() -> None:
                 t = time_call(run, repeats=args.repeats)
                 flops = 3 * forward_flops(cfg, batch, pos)
                 ceiling = matmul_chain_ceiling(cfg, batch * pos)
+                per_layer = matmul_chain_ceiling(cfg, batch * pos, weights="per_layer")
+                cached = matmul_chain_ceiling(cfg, batch * pos, weights="one_layer")
                 row = {"model": args.model, "n_layers": n_layers, "batch": batch, "pos": pos,
                        "first_s": t["first_s"], "median_s": t["median_s"], "pairs_per_s": batch / t["median_s"],
                        "needed_gflop": flops / 1e9, "gflops": flops / t["median_s"] / 1e9,
                        "roofline_fraction": flops / t["median_s"] / 1e9 / roofline, "ceiling_gflops": ceiling,
                        "ceiling_fraction": flops / t["median_s"] / 1e9 / ceiling,
+                       "per_layer_ceiling_gflops": per_layer, "cached_weights_ceiling_gflops": cached,
                        "mfu": None if peak is None else flops / t["median_s"] / 1e12 / peak, "load": os.getloadavg()[0]}
                 rows.append(row)
                 print(f"L{n_layers} b{batch} p{pos}: {row['median_s'] * 1e3:.0f} ms = {row['pairs_per_s']:.2f} pairs/s, "
                       f"{row['gflops']:.0f} GFLOP/s = {100 * row['roofline_fraction']:.0f}% of roofline, "
                       f"{100 * row['ceiling_fraction']:.0f}% of the {ceiling:.0f} GFLOP/s same-shape ceiling "
+                      f"({per_layer:.0f} unsliced, {cached:.0f} with one layer's weights) "
                       + ("" if peak is None else f", MFU {100 * row['mfu']:.0f}%") + f" (load {row['load']:.1f})",
                       flush=True)
                 write_rows(args.out, rows, meta)
@@ -97,11 +104,13 @@ def main() -> None:
                 f"{jax.devices()[0].device_kind}, {args.dtype}: roofline {roofline:.0f} GFLOP/s, nominal peak "
                 f"{peak} TFLOP/s; command: `{meta['command']}`",
                 ["model", "layers", "batch x pos", "ms", "pairs/s", "GFLOP/s", "roofline", "MFU", "ceiling GFLOP/s",
-                 "of ceiling", "load"],
+                 "of ceiling", "unsliced", "cached weights", "load"],
                 [[r["model"], str(r["n_layers"]), f"{r['batch']} x {r['pos']}", f"{r['median_s'] * 1e3:.0f}",
                   f"{r['pairs_per_s']:.2f}", f"{r['gflops']:.0f}", f"{100 * r['roofline_fraction']:.0f}%",
                   "" if r["mfu"] is None else f"{100 * r['mfu']:.0f}%",
-                  f"{r['ceiling_gflops']:.0f}", f"{100 * r['ceiling_fraction']:.0f}%", f"{r['load']:.1f}"] for r in rows])
+                  f"{r['ceiling_gflops']:.0f}", f"{100 * r['ceiling_fraction']:.0f}%",
+                  f"{r['per_layer_ceiling_gflops']:.0f}", f"{r['cached_weights_ceiling_gflops']:.0f}",
+                  f"{r['load']:.1f}"] for r in rows])
 
 if __name__ == "__main__":
     main()

@@ -76,30 +76,47 @@ def torch_matmul_roofline(n: int = 2048, repeats: int = 5) -> float:
     return 2 * n**3 / timing["min_s"] / 1e9
 
 
-def matmul_chain_ceiling(cfg: Any, tokens: int, repeats: int = 5) -> float:
+def matmul_chain_ceiling(cfg: Any, tokens: int, repeats: int = 5, weights: str = "stacked") -> float:
     """GFLOP/s of a forward + activation-gradient backward through `cfg.n_layers` layers of the
     model's dense matmuls alone (q/k/v, output, MLP in (+ gate), MLP out) on `tokens` rows in
-    `cfg.dtype`, scanned like the model: what AtP of that shape could reach if everything else
-    were free. Below a few hundred rows this is well under `matmul_roofline` on CPU (small
-    matmuls, weight slices)."""
+    `cfg.dtype`: what AtP of that shape could reach if everything else were free. Below a few
+    hundred rows this is well under `matmul_roofline` on CPU.
+
+    weights: "stacked" scans the layers over stacked weights, like the model (each step slices
+    its layer's weights out: a copy on CPU); "per_layer" unrolls the layers over separate arrays
+    (nothing sliced); "one_layer" unrolls them over the same arrays for every layer, which stay
+    in the caches. per_layer - stacked is what slicing costs, one_layer - per_layer what
+    streaming the model's weights from memory costs."""
+    if weights not in ("stacked", "per_layer", "one_layer"):
+        raise ValueError(f"weights={weights!r}: use 'stacked', 'per_layer' or 'one_layer'.")
     d, m, heads = cfg.d_model, cfg.d_mlp, cfg.n_heads * cfg.d_head
     mlp_in = m * (2 if cfg.gated_mlp else 1)
     shapes = [(d, (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.d_head), (heads, d), (d, mlp_in), (m, d)]
     key = jax.random.key(0)
     dtype = jnp.dtype(cfg.dtype)
-    weights = [0.02 * jax.random.normal(jax.random.fold_in(key, i), (cfg.n_layers,) + s, dtype)
+    stacked = [0.02 * jax.random.normal(jax.random.fold_in(key, i), (cfg.n_layers,) + s, dtype)
                for i, s in enumerate(shapes)]
 
     def layer(x, w):
         w_qkv, w_o, w_in, w_out = w
         x = x + (x @ w_qkv)[:, :heads] @ w_o
         h = x @ w_in
-        return x + (h[:, :m] * h[:, m:] if cfg.gated_mlp else jax.nn.relu(h)) @ w_out, None
+        return x + (h[:, :m] * h[:, m:] if cfg.gated_mlp else jax.nn.relu(h)) @ w_out
 
-    grad = jax.jit(jax.grad(lambda x, ws: jax.lax.scan(layer, x, ws)[0].sum()))
+    if weights == "stacked":
+        chain, ws = (lambda x, ws: jax.lax.scan(lambda x, w: (layer(x, w), None), x, ws)[0]), stacked
+    else:
+        per_layer = [[w[l] for w in stacked] for l in range(cfg.n_layers)]
+        ws = [per_layer[0]] * cfg.n_layers if weights == "one_layer" else per_layer
+
+        def chain(x, ws):
+            for w in ws:
+                x = layer(x, w)
+            return x
+    grad = jax.jit(jax.grad(lambda x, ws: chain(x, ws).sum()))
     x = jax.random.normal(key, (tokens, d), dtype)
     flops = 2 * 2 * tokens * cfg.n_layers * sum(a * b for a, b in shapes)  # forward + backward (inputs only)
-    return flops / time_call(lambda: grad(x, weights), repeats=repeats)["min_s"] / 1e9
+    return flops / time_call(lambda: grad(x, ws), repeats=repeats)["min_s"] / 1e9
 
 
 def machine() -> dict[str, Any]:
