@@ -70,15 +70,7 @@ from jaxcirc.sharding import shard_along_batch, shard_params, to_host
 
 Array = jax.Array
 
-SITES: dict[str, str] = {
-    "resid_pre": "hook_resid_pre",
-    "resid_mid": "hook_resid_mid",
-    "resid_post": "hook_resid_post",
-    "attn_out": "hook_attn_out",
-    "mlp_out": "hook_mlp_out",
-    "head": "attn.hook_z",
-    "neuron": "mlp.hook_post",
-}
+SITES: dict[str, str] = {**hook_points.STREAM_SITES, "head": "attn.hook_z", "neuron": "mlp.hook_post"}
 _RESID = ("resid_pre", "resid_mid", "resid_post")
 _LAYER_OUTPUTS = ("hook_attn_out", "hook_mlp_out")  # a layer's contribution to the residual stream
 

@@ -65,11 +65,7 @@ Direction = Literal["noising", "denoising"]
 Source = Literal["resample", "zero", "mean", "pos_mean"]
 
 SITES: dict[str, str] = {
-    "resid_pre": "hook_resid_pre",
-    "resid_mid": "hook_resid_mid",
-    "resid_post": "hook_resid_post",
-    "attn_out": "hook_attn_out",
-    "mlp_out": "hook_mlp_out",
+    **hook_points.STREAM_SITES,
     "z": "attn.hook_z",
     "head_out": "attn.hook_z",
     "q": "attn.hook_q",

@@ -18,6 +18,16 @@ _BLOCK_NAME = re.compile(r"^blocks\.(\d+)\.(.+)$")
 # when a hook asks for them, because materialising them costs a head axis.
 OPT_IN_TEMPLATES = ("hook_q_input", "hook_k_input", "hook_v_input", "attn.hook_result")
 
+# Short names of the residual stream and what each sublayer writes to it, shared by the site
+# tables of patching and attribution (each adds its own names for heads, neurons, q/k/v).
+STREAM_SITES: dict[str, str] = {
+    "resid_pre": "hook_resid_pre",
+    "resid_mid": "hook_resid_mid",
+    "resid_post": "hook_resid_post",
+    "attn_out": "hook_attn_out",
+    "mlp_out": "hook_mlp_out",
+}
+
 
 def top_level_points(cfg: ModelConfig) -> dict[str, Dims]:
     """Hook points outside the blocks, name -> dims."""
