@@ -56,7 +56,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 os.environ.setdefault("TQDM_DISABLE", "1")  # TL's patching loop draws a progress bar per sweep
 
 import harness  # noqa: E402
-from shapes import forward_flops  # noqa: E402
+from shapes import forward_flops, names_from, positive_ints  # noqa: E402
 from tl_patching_parity import random_hf_model, tl_model  # noqa: E402
 
 MODELS: dict[str, tuple[str, str, str, dict[str, Any]]] = {
@@ -75,6 +75,9 @@ def make_hf(name: str, overrides: dict[str, int], seed: int = 0):
     family, config_cls, model_cls, kwargs = MODELS[name]
     kwargs = {**kwargs, **{k: v for k, v in overrides.items() if v}}
     return family, random_hf_model(config_cls, model_cls, kwargs, seed, jitter=0.02)
+
+
+TASKS = ("forward", "atp", "patch_resid", "patch_z", "eap_ig")
 
 
 def make_pairs(batch: int, pos: int, vocab: int, seed: int = 1, corrupt_at: list[int] | None = None):
@@ -274,8 +277,8 @@ def run(args) -> tuple[list[dict], dict]:
     forward = make_forward(cfg)
     graph = Graph.from_config(cfg)
     meta.update(model=args.model, config=str(cfg), torch_threads=torch.get_num_threads())
-    tasks = args.tasks.split(",")
-    corrupt_at = [int(p) for p in args.corrupt_at.split(",") if p.strip()]
+    tasks = args.tasks
+    corrupt_at = args.corrupt_at
     meta["corrupt_at"] = corrupt_at or "pos//3,pos//2"
     rows: list[dict] = []
 
@@ -294,7 +297,7 @@ def run(args) -> tuple[list[dict], dict]:
                   flush=True)
         harness.write_rows(args.out, rows, meta)
 
-    for batch in [int(b) for b in args.batches.split(",")]:
+    for batch in args.batches:
         pos = args.pos
         clean, corrupt, answer, foil = make_pairs(batch, pos, cfg.d_vocab, corrupt_at=corrupt_at)
         pairs = from_tokens(clean, corrupt, answer, foil)
@@ -388,9 +391,9 @@ def markdown(rows: list[dict], meta: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", choices=list(MODELS), default="gpt2-small-shape")
-    parser.add_argument("--batches", default="1,8", help="comma-separated batch sizes")
+    parser.add_argument("--batches", type=positive_ints, default=[1, 8], help="comma-separated batch sizes")
     parser.add_argument("--pos", type=int, default=16)
-    parser.add_argument("--tasks", default="forward,atp,patch_resid,patch_z,eap_ig")
+    parser.add_argument("--tasks", type=names_from(TASKS), default=list(TASKS))
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--patch-repeats", type=int, default=1)
     parser.add_argument("--tl-patches", type=int, default=12, help="patches TL runs per sweep (a spread subset)")
@@ -403,6 +406,16 @@ def main() -> None:
                         "(default pos//3,pos//2); patching skips the prefix every pair shares")
     parser.add_argument("--out", default="bench_vs_transformerlens.json")
     args = parser.parse_args()
+    if args.pos < 2:
+        parser.error(f"--pos {args.pos}: the pairs need at least 2 tokens")
+    args.corrupt_at = [int(p) for p in args.corrupt_at.split(",") if p.strip()]
+    if any(not 0 <= p < args.pos for p in args.corrupt_at):
+        parser.error(f"--corrupt-at {args.corrupt_at}: positions must lie in 0..{args.pos - 1} (--pos {args.pos})")
+    try:
+        import transformer_lens  # noqa: F401
+    except ImportError:
+        parser.error("TransformerLens is not installed; the benchmarks compare against it: "
+                     "pip install -e '.[bench]' (or .venv/bin/pip install 'transformer_lens>=3.9,<4')")
     start = time.perf_counter()
     rows, meta = run(args)
     print(f"\nroofline {meta['roofline_gflops_fp32']:.0f} GFLOP/s fp32 (torch {meta['torch_roofline_gflops_fp32']:.0f}); "

@@ -26,7 +26,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from harness import machine, matmul_roofline, write_rows  # noqa: E402
-from shapes import forward_flops  # noqa: E402
+from shapes import forward_flops, positive_ints  # noqa: E402
 
 import jaxcirc  # noqa: E402
 from jaxcirc.attribution_report import load_pairs  # noqa: E402
@@ -39,7 +39,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--pairs", type=int, default=128)
-    parser.add_argument("--batch-sizes", default="8,16,32")
+    parser.add_argument("--batch-sizes", type=positive_ints, default=[8, 16, 32])
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--step-chunk", type=int, default=None, help="IG steps per pass (default: eap.default_step_chunk)")
     parser.add_argument("--repeats", type=int, default=1)
@@ -56,7 +56,7 @@ def main() -> None:
     print(f"{args.model}: {len(base)} distinct pairs of {pos} tokens, {args.pairs} run; roofline "
           f"{roofline:.0f} GFLOP/s; load {os.getloadavg()[0]:.1f}", flush=True)
     rows = []
-    for batch_size in (int(b) for b in args.batch_sizes.split(",")):
+    for batch_size in args.batch_sizes:
         run = lambda: eap_ig(model.config, model.params, pairs, steps=args.steps, batch_size=batch_size,
                              step_chunk=args.step_chunk).scores.block_until_ready()
         start = time.perf_counter()

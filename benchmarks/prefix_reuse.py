@@ -23,25 +23,25 @@ import numpy as np
 
 from harness import machine, matmul_roofline, write_rows, write_table
 from patching_throughput import make_pairs, random_params
-from shapes import add_shape_arguments, chosen_points, forward_flops
+from shapes import add_shape_arguments, chosen_points, forward_flops, names_from
 
 from jaxcirc.model import Model
 from jaxcirc.patching import patch_sweep
 
 VARIANTS = {"full": dict(prefix_reuse=False), "reuse": dict()}
+SWEEPS = {"resid_pre": ("layer", "pos"), "z": ("layer", "head")}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_shape_arguments(parser)
-    parser.add_argument("--variants", default="full,reuse")
-    parser.add_argument("--sites", default="resid_pre,z")
+    parser.add_argument("--variants", type=names_from(tuple(VARIANTS)), default=list(VARIANTS))
+    parser.add_argument("--sites", type=names_from(tuple(SWEEPS)), default=list(SWEEPS))
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--out", default="prefix_reuse.json")
     args = parser.parse_args()
     base, depths, batches, lengths = chosen_points(args)
-    variants = {k: VARIANTS[k] for k in args.variants.split(",")}
-    sweeps = {"resid_pre": ("layer", "pos"), "z": ("layer", "head")}
+    variants = {k: VARIANTS[k] for k in args.variants}
     meta = machine() | {"roofline_gflops": matmul_roofline(), "command": " ".join(os.sys.argv)}
     print(f"roofline {meta['roofline_gflops']:.0f} GFLOP/s, load {os.getloadavg()[0]:.1f}", flush=True)
     rows = []
@@ -51,8 +51,8 @@ def main() -> None:
         for batch in batches:
             for pos in lengths:
                 pairs = make_pairs(batch, pos, cfg.d_vocab)
-                for site in args.sites.split(","):
-                    by = sweeps[site]
+                for site in args.sites:
+                    by = SWEEPS[site]
                     results, first = {}, {}
                     for name, options in variants.items():
                         start = time.perf_counter()

@@ -4,6 +4,7 @@ command-line options that pick one, its depths, batches and lengths."""
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable, Sequence
 
 from jaxcirc.models.config import ModelConfig
 
@@ -25,16 +26,37 @@ def forward_flops(cfg: ModelConfig, batch: int, pos: int, unembed_positions: int
     return batch * (pos * cfg.n_layers * per_token + unembed_positions * 2 * d * cfg.d_vocab)
 
 
+def positive_ints(text: str) -> list[int]:
+    """argparse type: a comma list of positive integers ("1,8,32")."""
+    try:
+        values = [int(x) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma list of integers (e.g. 1,8,32)") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: every value must be at least 1")
+    return values
+
+
+def names_from(choices: Sequence[str]) -> Callable[[str], list[str]]:
+    """argparse type: a comma list of names, each one of `choices`."""
+    def parse(text: str) -> list[str]:
+        names = [x.strip() for x in text.split(",") if x.strip()]
+        unknown = [x for x in names if x not in choices]
+        if unknown or not names:
+            raise argparse.ArgumentTypeError(f"{text!r}: choose a comma list from {', '.join(choices)}")
+        return names
+    return parse
+
+
 def add_shape_arguments(parser: argparse.ArgumentParser) -> None:
     """--model, --batches, --pos and --layers (comma lists), as the scaling scripts take them."""
     parser.add_argument("--model", choices=tuple(SHAPES), default="gpt2-small-shape")
-    parser.add_argument("--batches", default="8")
-    parser.add_argument("--pos", default="16")
-    parser.add_argument("--layers", default=None, help="comma list of depths (default: the model's)")
+    parser.add_argument("--batches", type=positive_ints, default=[8])
+    parser.add_argument("--pos", type=positive_ints, default=[16])
+    parser.add_argument("--layers", type=positive_ints, default=None, help="comma list of depths (default: the model's)")
 
 
 def chosen_points(args: argparse.Namespace) -> tuple[ModelConfig, list[int], list[int], list[int]]:
     """(the shape, its depths, batch sizes, lengths) that `add_shape_arguments`' options ask for."""
     base = SHAPES[args.model]
-    depths = [base.n_layers] if args.layers is None else [int(x) for x in args.layers.split(",")]
-    return base, depths, [int(x) for x in args.batches.split(",")], [int(x) for x in args.pos.split(",")]
+    return base, args.layers or [base.n_layers], args.batches, args.pos

@@ -1,0 +1,37 @@
+"""The benchmarks' shared command-line options refuse bad values with a usage error."""
+
+import argparse
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from shapes import SHAPES, add_shape_arguments, chosen_points, names_from  # noqa: E402
+
+
+def parse(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    add_shape_arguments(parser)
+    parser.add_argument("--sites", type=names_from(("resid_pre", "z")), default=["resid_pre", "z"])
+    return parser.parse_args(argv)
+
+
+def test_comma_lists_parse_into_the_points():
+    args = parse("--model", "smollm2-shape", "--batches", "1,8,32", "--pos", "16", "--sites", "z")
+    base, depths, batches, lengths = chosen_points(args)
+    assert base is SHAPES["smollm2-shape"] and depths == [base.n_layers]
+    assert (batches, lengths, args.sites) == ([1, 8, 32], [16], ["z"])
+    assert chosen_points(parse("--layers", "4,8"))[1] == [4, 8]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (("--batches", "0,8"), "every value must be at least 1"),
+    (("--pos", "8,x"), "not a comma list of integers"),
+    (("--layers", ""), "not a comma list of integers"),
+    (("--sites", "resid,z"), "choose a comma list from resid_pre, z"),
+])
+def test_bad_values_are_usage_errors(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        parse(*argv)
+    assert message in capsys.readouterr().err
