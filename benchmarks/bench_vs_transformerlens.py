@@ -57,7 +57,7 @@ os.environ.setdefault("TQDM_DISABLE", "1")  # TL's patching loop draws a progres
 
 import harness  # noqa: E402
 from shapes import forward_flops, names_from, positive_ints  # noqa: E402
-from tl_patching_parity import random_hf_model, tl_model  # noqa: E402
+from tl_patching_parity import random_hf_model, require_transformer_lens, tl_model  # noqa: E402
 
 MODELS: dict[str, tuple[str, str, str, dict[str, Any]]] = {
     # name -> (tl_model family, transformers config class, model class, config kwargs)
@@ -411,11 +411,7 @@ def main() -> None:
     args.corrupt_at = [int(p) for p in args.corrupt_at.split(",") if p.strip()]
     if any(not 0 <= p < args.pos for p in args.corrupt_at):
         parser.error(f"--corrupt-at {args.corrupt_at}: positions must lie in 0..{args.pos - 1} (--pos {args.pos})")
-    try:
-        import transformer_lens  # noqa: F401
-    except ImportError:
-        parser.error("TransformerLens is not installed; the benchmarks compare against it: "
-                     "pip install -e '.[bench]' (or .venv/bin/pip install 'transformer_lens>=3.9,<4')")
+    require_transformer_lens()
     start = time.perf_counter()
     rows, meta = run(args)
     print(f"\nroofline {meta['roofline_gflops_fp32']:.0f} GFLOP/s fp32 (torch {meta['torch_roofline_gflops_fp32']:.0f}); "

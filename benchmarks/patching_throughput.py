@@ -25,6 +25,7 @@ from jaxcirc.models.transformer import param_shapes
 from jaxcirc.pairs import from_tokens
 from jaxcirc.patching import compile_log, patch_sweep
 from shapes import GPT2_SMALL
+from tl_patching_parity import require_transformer_lens
 
 
 
@@ -122,6 +123,8 @@ def main() -> None:
     parser.add_argument("--loop", action="store_true")
     parser.add_argument("--tl", action="store_true")
     args = parser.parse_args()
+    if args.tl:
+        require_transformer_lens()
     print(f"device: {jax.devices()[0].device_kind} x{len(jax.devices())}, CPUs {os.cpu_count()}, "
           f"model GPT-2-small shape ({args.dtype}), batch {args.batch} x {args.pos} tokens")
     cfg = GPT2_SMALL.replace(dtype=args.dtype)

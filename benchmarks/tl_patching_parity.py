@@ -57,6 +57,15 @@ def make_hf_model(name: str, seed: int = 0):
     return random_hf_model(config_cls, model_cls, kwargs, seed)
 
 
+def require_transformer_lens() -> None:
+    """Exit with what to install when TransformerLens (the `bench` extra) is missing."""
+    try:
+        import transformer_lens  # noqa: F401
+    except ImportError:
+        sys.exit("TransformerLens is not installed; the benchmarks compare against it: pip install -e '.[bench]' "
+                 "(or .venv/bin/pip install 'transformer_lens>=3.9,<4')")
+
+
 def tl_model(name: str, hf_model):
     """A TransformerLens HookedTransformer holding the HF model's weights (offline, unfolded)."""
     import torch
@@ -168,6 +177,7 @@ def compare(name: str, directory: Path | None = None) -> dict[str, Any]:
 
 
 def main() -> int:
+    require_transformer_lens()
     worst = 0.0
     for name in CHECKPOINTS:
         result = compare(name)
