@@ -56,7 +56,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 os.environ.setdefault("TQDM_DISABLE", "1")  # TL's patching loop draws a progress bar per sweep
 
 import harness  # noqa: E402
-from shapes import forward_flops, names_from, positive_ints  # noqa: E402
+from shapes import forward_flops, names_from, comma_ints  # noqa: E402
 from tl_patching_parity import random_hf_model, require_transformer_lens, tl_model  # noqa: E402
 
 MODELS: dict[str, tuple[str, str, str, dict[str, Any]]] = {
@@ -391,7 +391,7 @@ def markdown(rows: list[dict], meta: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", choices=list(MODELS), default="gpt2-small-shape")
-    parser.add_argument("--batches", type=positive_ints, default=[1, 8], help="comma-separated batch sizes")
+    parser.add_argument("--batches", type=comma_ints(), default=[1, 8], help="comma-separated batch sizes")
     parser.add_argument("--pos", type=int, default=16)
     parser.add_argument("--tasks", type=names_from(TASKS), default=list(TASKS))
     parser.add_argument("--repeats", type=int, default=3)
@@ -402,13 +402,12 @@ def main() -> None:
     parser.add_argument("--d-model", type=int, default=0)
     parser.add_argument("--n-heads", type=int, default=0)
     parser.add_argument("--vocab", type=int, default=0)
-    parser.add_argument("--corrupt-at", default="", help="comma-separated positions the corrupted prompts change "
+    parser.add_argument("--corrupt-at", type=comma_ints(0), default=[], help="comma-separated positions the corrupted prompts change "
                         "(default pos//3,pos//2); patching skips the prefix every pair shares")
     parser.add_argument("--out", default="bench_vs_transformerlens.json")
     args = parser.parse_args()
     if args.pos < 2:
         parser.error(f"--pos {args.pos}: the pairs need at least 2 tokens")
-    args.corrupt_at = [int(p) for p in args.corrupt_at.split(",") if p.strip()]
     if any(not 0 <= p < args.pos for p in args.corrupt_at):
         parser.error(f"--corrupt-at {args.corrupt_at}: positions must lie in 0..{args.pos - 1} (--pos {args.pos})")
     require_transformer_lens()

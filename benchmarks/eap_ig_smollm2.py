@@ -26,7 +26,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from harness import machine, matmul_roofline, write_rows  # noqa: E402
-from shapes import forward_flops, positive_ints  # noqa: E402
+from shapes import forward_flops, comma_ints  # noqa: E402
 
 import jaxcirc  # noqa: E402
 from jaxcirc.attribution_report import load_pairs  # noqa: E402
@@ -39,7 +39,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--pairs", type=int, default=128)
-    parser.add_argument("--batch-sizes", type=positive_ints, default=[8, 16, 32])
+    parser.add_argument("--batch-sizes", type=comma_ints(), default=[8, 16, 32])
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--step-chunk", type=int, default=None, help="IG steps per pass (default: eap.default_step_chunk)")
     parser.add_argument("--repeats", type=int, default=1)

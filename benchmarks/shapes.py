@@ -26,15 +26,17 @@ def forward_flops(cfg: ModelConfig, batch: int, pos: int, unembed_positions: int
     return batch * (pos * cfg.n_layers * per_token + unembed_positions * 2 * d * cfg.d_vocab)
 
 
-def positive_ints(text: str) -> list[int]:
-    """argparse type: a comma list of positive integers ("1,8,32")."""
-    try:
-        values = [int(x) for x in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a comma list of integers (e.g. 1,8,32)") from None
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"{text!r}: every value must be at least 1")
-    return values
+def comma_ints(minimum: int = 1) -> Callable[[str], list[int]]:
+    """argparse type: a comma list of integers, each at least `minimum` ("1,8,32")."""
+    def parse(text: str) -> list[int]:
+        try:
+            values = [int(x) for x in text.split(",")]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a comma list of integers (e.g. 1,8,32)") from None
+        if min(values) < minimum:
+            raise argparse.ArgumentTypeError(f"{text!r}: every value must be at least {minimum}")
+        return values
+    return parse
 
 
 def names_from(choices: Sequence[str]) -> Callable[[str], list[str]]:
@@ -51,9 +53,9 @@ def names_from(choices: Sequence[str]) -> Callable[[str], list[str]]:
 def add_shape_arguments(parser: argparse.ArgumentParser) -> None:
     """--model, --batches, --pos and --layers (comma lists), as the scaling scripts take them."""
     parser.add_argument("--model", choices=tuple(SHAPES), default="gpt2-small-shape")
-    parser.add_argument("--batches", type=positive_ints, default=[8])
-    parser.add_argument("--pos", type=positive_ints, default=[16])
-    parser.add_argument("--layers", type=positive_ints, default=None, help="comma list of depths (default: the model's)")
+    parser.add_argument("--batches", type=comma_ints(), default=[8])
+    parser.add_argument("--pos", type=comma_ints(), default=[16])
+    parser.add_argument("--layers", type=comma_ints(), default=None, help="comma list of depths (default: the model's)")
 
 
 def chosen_points(args: argparse.Namespace) -> tuple[ModelConfig, list[int], list[int], list[int]]:

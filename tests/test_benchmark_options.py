@@ -7,13 +7,14 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from shapes import SHAPES, add_shape_arguments, chosen_points, names_from  # noqa: E402
+from shapes import SHAPES, add_shape_arguments, chosen_points, comma_ints, names_from  # noqa: E402
 
 
 def parse(*argv: str) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
     add_shape_arguments(parser)
     parser.add_argument("--sites", type=names_from(("resid_pre", "z")), default=["resid_pre", "z"])
+    parser.add_argument("--corrupt-at", type=comma_ints(0), default=[])
     return parser.parse_args(argv)
 
 
@@ -23,6 +24,7 @@ def test_comma_lists_parse_into_the_points():
     assert base is SHAPES["smollm2-shape"] and depths == [base.n_layers]
     assert (batches, lengths, args.sites) == ([1, 8, 32], [16], ["z"])
     assert chosen_points(parse("--layers", "4,8"))[1] == [4, 8]
+    assert parse("--corrupt-at", "0,8").corrupt_at == [0, 8]
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -30,6 +32,7 @@ def test_comma_lists_parse_into_the_points():
     (("--pos", "8,x"), "not a comma list of integers"),
     (("--layers", ""), "not a comma list of integers"),
     (("--sites", "resid,z"), "choose a comma list from resid_pre, z"),
+    (("--corrupt-at", "-1"), "every value must be at least 0"),
 ])
 def test_bad_values_are_usage_errors(argv, message, capsys):
     with pytest.raises(SystemExit):
