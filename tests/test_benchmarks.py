@@ -1,4 +1,5 @@
-"""The benchmarks' shared command-line options refuse bad values with a usage error."""
+"""The benchmarks' shared pieces: command-line options that refuse bad values with a usage error,
+and the matmul ceiling's three weight layouts."""
 
 import argparse
 import sys
@@ -7,6 +8,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from harness import matmul_chain_ceiling  # noqa: E402
 from shapes import SHAPES, add_shape_arguments, chosen_points, comma_ints, names_from  # noqa: E402
 
 
@@ -38,3 +40,11 @@ def test_bad_values_are_usage_errors(argv, message, capsys):
     with pytest.raises(SystemExit):
         parse(*argv)
     assert message in capsys.readouterr().err
+
+
+def test_matmul_ceiling_runs_each_weight_layout_and_refuses_others():
+    cfg = SHAPES["smollm2-shape"].replace(n_layers=2, d_model=32, n_heads=2, n_kv_heads=1, d_head=16, d_mlp=64)
+    rates = [matmul_chain_ceiling(cfg, 8, repeats=1, weights=w) for w in ("stacked", "per_layer", "one_layer")]
+    assert all(r > 0 for r in rates)
+    with pytest.raises(ValueError, match="use 'stacked', 'per_layer' or 'one_layer'"):
+        matmul_chain_ceiling(cfg, 8, weights="cached")
