@@ -26,7 +26,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from harness import machine, matmul_roofline, write_rows  # noqa: E402
-from shapes import forward_flops, comma_ints  # noqa: E402
+from shapes import comma_ints, forward_flops  # noqa: E402
 
 import jaxcirc  # noqa: E402
 from jaxcirc.attribution_report import load_pairs  # noqa: E402
