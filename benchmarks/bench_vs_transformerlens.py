@@ -17,10 +17,12 @@ is also the agreement check, is reported as first_s):
            with hooks that retain the activations' grads, mean logit diff, backward (parameters
            frozen: activation gradients only, like jaxcirc), and
            sum((corrupt - clean) * grad). Rate: pairs/s.
-  patch_resid / patch_z  exact denoising activation patching, resid_pre by (layer, pos) and head
-           outputs (hook_z) by (layer, head). jaxcirc runs the full grid with `patch_sweep`; TL's
-           `generic_activation_patch` (what get_act_patch_resid_pre / _attn_head_out_all_pos call)
-           runs the first `--tl-patches` rows of the same grid (index_df), since TL costs one
+  patch_resid / patch_z / patch_z_pos  exact denoising activation patching: resid_pre by
+           (layer, pos), head outputs (hook_z) by (layer, head), and head outputs by (layer, pos,
+           head), the largest of TL's standard sweeps (12 x 16 x 12 = 2,304 patches on the GPT-2
+           shape). jaxcirc runs the full grid with `patch_sweep`; TL's `generic_activation_patch`
+           (what get_act_patch_resid_pre / _attn_head_out_all_pos / _attn_head_out_by_pos call)
+           runs `--tl-patches` rows spread evenly over the same grid (index_df), since TL costs one
            forward per patch; rate = patches timed / seconds for each. Agreement is checked on
            those rows.
   eap_ig   EAP-IG edge scores, 5 steps, "inputs" variant. TL has none; the torch loop: for each
@@ -77,7 +79,13 @@ def make_hf(name: str, overrides: dict[str, int], seed: int = 0):
     return family, random_hf_model(config_cls, model_cls, kwargs, seed, jitter=0.02)
 
 
-TASKS = ("forward", "atp", "patch_resid", "patch_z", "eap_ig")
+# Exact patching tasks: task -> (site, by; TL's patch setter in transformer_lens.patching).
+SWEEPS: dict[str, tuple[str, tuple[str, ...], str]] = {
+    "patch_resid": ("resid_pre", ("layer", "pos"), "layer_pos_patch_setter"),
+    "patch_z": ("z", ("layer", "head"), "layer_head_vector_patch_setter"),
+    "patch_z_pos": ("z", ("layer", "pos", "head"), "layer_pos_head_vector_patch_setter"),
+}
+TASKS = ("forward", "atp", *SWEEPS, "eap_ig")
 
 
 def make_pairs(batch: int, pos: int, vocab: int, seed: int = 1, corrupt_at: list[int] | None = None):
@@ -197,18 +205,17 @@ def tl_eap_ig(model, clean_t, corrupt_t, answer_t, foil_t, valid: np.ndarray, st
         model.set_use_attn_result(False)
 
 
-def tl_patch(model, corrupt_t, clean_cache, metric, site: str, rows: np.ndarray):
-    """TL's generic_activation_patch on the given (layer, pos) / (layer, head) rows."""
+def tl_patch(model, corrupt_t, clean_cache, metric, task: str, rows: np.ndarray):
+    """TL's generic_activation_patch of `task` (SWEEPS) on the given rows [n, len(by)]."""
     import pandas as pd
     import torch
     from transformer_lens import patching
 
-    setter, cols = ((patching.layer_pos_patch_setter, ["layer", "pos"]) if site == "resid_pre"
-                    else (patching.layer_head_vector_patch_setter, ["layer", "head"]))
+    site, by, setter = SWEEPS[task]
     with torch.no_grad():
         return patching.generic_activation_patch(
-            model, corrupt_t, clean_cache, metric, setter, site,
-            index_df=pd.DataFrame(rows, columns=cols)).numpy()
+            model, corrupt_t, clean_cache, metric, getattr(patching, setter), site,
+            index_df=pd.DataFrame(rows, columns=list(by))).numpy()
 
 
 def timed_first(fns: dict[str, Any]) -> tuple[dict[str, Any], dict[str, float]]:
@@ -330,22 +337,21 @@ def run(args) -> tuple[list[dict], dict]:
             record("atp", batch, pos, "pairs/s", {"jaxcirc": batch, "transformer_lens": batch}, timings, diff,
                    scale, flops=3 * forward_flops(cfg, batch, pos, 1))
 
-        for site, task in (("resid_pre", "patch_resid"), ("z", "patch_z")):
+        for task, (site, by, _) in SWEEPS.items():
             if task not in tasks:
                 continue
-            by = ("layer", "pos") if site == "resid_pre" else ("layer", "head")
-            sizes = (cfg.n_layers, pos if site == "resid_pre" else cfg.n_heads)
-            grid = np.indices(sizes).reshape(2, -1).T
+            sizes = tuple({"layer": cfg.n_layers, "pos": pos, "head": cfg.n_heads}[d] for d in by)
+            grid = np.indices(sizes).reshape(len(sizes), -1).T
             # An evenly spread subset of the grid for TL (every layer is represented).
             subset = grid[np.linspace(0, len(grid) - 1, min(args.tl_patches, len(grid))).round().astype(int)]
             with torch.no_grad():
                 _, clean_cache = tl.run_with_cache(clean_t)
             ours = lambda: patch_sweep(model, pairs, site, by, direction="denoising").patch_effect
-            theirs = lambda: tl_patch(tl, corrupt_t, clean_cache, metric, site, subset)
+            theirs = lambda: tl_patch(tl, corrupt_t, clean_cache, metric, task, subset)
             fns = {"jaxcirc": ours, "transformer_lens": theirs}
             res, first = timed_first(fns)
             a, b = np.asarray(res["jaxcirc"]), res["transformer_lens"]
-            a_sub = a[subset[:, 0], subset[:, 1]]
+            a_sub = a[tuple(subset.T)]
             scale = float(np.abs(b).max())
             diff = harness.agree(a_sub, b, 1e-3 * scale + 1e-5, f"patching {site}")
             timings = interleave(fns, first, args.patch_repeats)

@@ -2,15 +2,16 @@
 
     python benchmarks/patching_bounds.py bench_gpt2.json bench_smollm2.json ...
 
-Reads `bench_vs_transformerlens.py` JSON files. For every patch_resid / patch_z row pair it counts
-the matmul FLOPs of one patch for TransformerLens (a full forward, logits at every position, full
-vocabulary) and what jaxcirc's resumed sweep must compute (layers >= l; positions >= p for
-position sweeps, and none of the prefix every pair shares; a head sweep's start block only
-projects the heads' outputs; the last block's keys and values everywhere but the rest at the
-metric position only; two unembedding columns), averaged over the sweep's patches (those inside
-the shared prefix count, at no cost), turns both measured rates into
-GFLOP/s, and prints the speed-up jaxcirc would reach at 100% of the run's matmul roofline (and,
-where the run measured it, TransformerLens' fraction of torch's own matmul roofline).
+Reads `bench_vs_transformerlens.py` JSON files. For every pair of rows of an exact patching task
+(`SWEEPS`: patch_resid, patch_z, patch_z_pos) it counts the matmul FLOPs of one patch for
+TransformerLens (a full forward, logits at every position, full vocabulary) and what jaxcirc's
+resumed sweep must compute (layers >= l; positions >= p for position sweeps, and none of the
+prefix every pair shares; a head patch's start block only projects the heads' outputs; the last
+block's keys and values everywhere but the rest at the metric position only; two unembedding
+columns), averaged over the sweep's patches (those inside the shared prefix count, at no cost),
+turns both measured rates into GFLOP/s, and prints the speed-up jaxcirc would reach at 100% of
+the run's matmul roofline (and, where the run measured it, TransformerLens' fraction of torch's
+own matmul roofline).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from __future__ import annotations
 import json
 import sys
 
+from bench_vs_transformerlens import SWEEPS
 from shapes import SHAPES, forward_flops
 
 
@@ -27,14 +29,14 @@ def layer_flops(cfg, n_keys: int) -> int:
     return 2 * d * (h + 2 * kv) * dh + 2 * h * dh * d + 4 * h * n_keys * dh + 2 * d * cfg.d_mlp * (3 if cfg.gated_mlp else 2)
 
 
-def resumed_flops(cfg, batch: int, pos: int, by_position: bool, shared: int = 0) -> float:
-    """Mean matmul FLOPs of one patch of a jaxcirc sweep by (layer, pos) or (layer, head), the
-    pairs sharing their first `shared` tokens."""
+def resumed_flops(cfg, batch: int, pos: int, by_position: bool, from_heads: bool, shared: int = 0) -> float:
+    """Mean matmul FLOPs of one patch of a jaxcirc sweep, by position or not, of the residual or
+    of head outputs, the pairs sharing their first `shared` tokens."""
     d, dh = cfg.d_model, cfg.d_head
     kv_only = 2 * d * 2 * cfg.n_kv_heads * dh
     # A head patch's start block reads the unpatched heads' outputs: output projection + MLP.
     start_block = (lambda keys: 2 * cfg.n_heads * dh * d + 2 * d * cfg.d_mlp * (3 if cfg.gated_mlp else 2)) \
-        if not by_position else (lambda keys: layer_flops(cfg, keys))
+        if from_heads else (lambda keys: layer_flops(cfg, keys))
     total, count = 0.0, 0
     for layer in range(cfg.n_layers):
         for p in range(pos) if by_position else [shared]:
@@ -61,15 +63,16 @@ def main() -> None:
         corrupt_at = data["machine"].get("corrupt_at")  # absent: files from before the shared-prefix skip
         rates = {(r["model"], r["task"], r["batch"], r["pos"], r["impl"]): r["rate"] for r in data["rows"]}
         for (model, task, batch, pos, impl), ours in rates.items():
-            if impl != "jaxcirc" or not task.startswith("patch"):
+            if impl != "jaxcirc" or task not in SWEEPS:
                 continue
             cfg = SHAPES[model]
             theirs = rates[(model, task, batch, pos, "transformer_lens")]
             tl = forward_flops(cfg, batch, pos, pos)
             shared = 0 if corrupt_at is None else (pos // 3 if isinstance(corrupt_at, str) else min(corrupt_at))
-            us = resumed_flops(cfg, batch, pos, by_position=task == "patch_resid", shared=shared)
+            site, by, _ = SWEEPS[task]
+            sweep = f"{site} by ({', '.join(by)})"
+            us = resumed_flops(cfg, batch, pos, by_position="pos" in by, from_heads=site == "z", shared=shared)
             tl_rate, our_rate = tl * theirs / 1e9, us * ours / 1e9
-            sweep = "resid_pre by (layer, pos)" if task == "patch_resid" else "z by (layer, head)"
             print(f"| {model} | {batch} x {pos} | {sweep} | {tl / 1e9:.1f} | {tl_rate:.0f} ({tl_rate / roofline:.0%}) | "
                   f"{us / 1e9:.1f} | {our_rate:.0f} ({our_rate / roofline:.0%}) | {tl / us:.1f}x | {ours / theirs:.1f}x | "
                   f"{tl / us * roofline / tl_rate:.1f}x | {f'{tl_rate / torch_roofline:.0%}' if torch_roofline else ''} |")
