@@ -3,12 +3,12 @@
     python benchmarks/patching_throughput.py [--batch 8] [--pos 16] [--dtype bfloat16] [--tl] [--loop]
 
 Sweeps resid_pre by (layer, pos), head outputs (attn.hook_z) by (layer, head) and by (layer,
-pos, head), denoising, logit difference. Reports the first call (compile + run) and the steady-state time of a second
-call. `--loop` also times a Python loop of single patched forwards through the same jitted
-forward (the TransformerLens way, in JAX); `--tl` times TransformerLens 3.9's
-`get_act_patch_resid_pre` / `get_act_patch_attn_head_out_all_pos` on a same-shaped model (one
-forward per patch, so the by-position head sweep's rate is theirs too; its 2,304 forwards are not
-run).
+pos, head) (`bench_vs_transformerlens.SWEEPS`), denoising, logit difference. Reports the first
+call (compile + run) and the steady-state time of a second call. `--loop` also times a Python
+loop of single patched forwards through the same jitted forward (the TransformerLens way, in
+JAX); `--tl` times TransformerLens 3.9's `get_act_patch_resid_pre` /
+`get_act_patch_attn_head_out_all_pos` on a same-shaped model (one forward per patch, so the
+by-position head sweep's rate is theirs too; its 2,304 forwards are not run).
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from jaxcirc.models.config import ModelConfig
 from jaxcirc.models.transformer import param_shapes
 from jaxcirc.pairs import from_tokens
 from jaxcirc.patching import compile_log, patch_sweep
+from bench_vs_transformerlens import SWEEPS
 from shapes import GPT2_SMALL
 from tl_patching_parity import require_transformer_lens
 
@@ -133,7 +134,7 @@ def main() -> None:
     model = Model(cfg, random_params(cfg))
     pairs = make_pairs(args.batch, args.pos, GPT2_SMALL.d_vocab)
     options = {"max_patches_per_chunk": args.max_patches_per_chunk}
-    for site, by in (("resid_pre", ("layer", "pos")), ("z", ("layer", "head")), ("z", ("layer", "pos", "head"))):
+    for site, by, _ in SWEEPS.values():
         r = time_sweep(model, pairs, site, by, **options)
         print(f"{site:9s} by {','.join(by):14s}: {r['n_patches']} patches in {r['n_chunks']} chunk(s) of "
               f"{r['chunk']}; first call {r['first_s']:.1f} s (compiled {r['compiled']}), steady "
